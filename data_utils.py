@@ -1,0 +1,394 @@
+"""Build the train/test retrieval splits of CUB-200-2011, Cars196 and the synthetic default.
+
+    python data_utils.py --data_path data --data_name all [--crop]
+
+writes DIR/<name>/uncropped_data_dicts.pth (or cropped_data_dicts.pth) holding
+{'train': {class_name: [image path, ...]}, 'test': {...}}. The paths are relative to
+DIR/<name>/ so the data folder can move; load_splits() joins them back on.
+Retrieval benchmarks split by class, not by image: the network trains on the first half
+of the classes and is evaluated by searching among the unseen second half.
+"""
+import argparse
+import itertools
+import math
+import os
+import shlex
+import sys
+import warnings
+
+import numpy as np
+import scipy.io
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+from utils import atomic_path, read_rgb
+
+# -----------------------------------------------------------------------------
+# reading prepared splits
+
+
+def split_path(data_path, data_name, crop=False):
+    variant = 'cropped' if crop else 'uncropped'
+    return os.path.join(data_path, data_name, f'{variant}_data_dicts.pth')
+
+
+def load_splits(data_path, data_name, crop=False):
+    """Return {'train'|'test': {class_name: [image path]}} with paths usable from the cwd."""
+    path = split_path(data_path, data_name, crop)
+    if data_name == 'synthetic' and not os.path.exists(path):
+        prepare_synthetic(data_path, crop)  # the embedded default needs no download
+    if not os.path.exists(path):
+        command = f'python data_utils.py --data_path {shlex.quote(str(data_path))} --data_name {data_name}'
+        raise FileNotFoundError(f"{path} not found; create it with: {command}{' --crop' if crop else ''}")
+    root = os.path.join(data_path, data_name)
+    splits = torch.load(path, weights_only=True)
+    return {split: {name: [os.path.join(root, p) for p in paths] for name, paths in classes.items()}
+            for split, classes in splits.items()}
+
+
+# -----------------------------------------------------------------------------
+# checking images and writing splits
+
+# A record is (path relative to DIR/<name>/, class id, class name, bounding box), where the
+# box is (left, top, right, bottom) in PIL's convention: 0-based, right/bottom exclusive.
+
+
+def clamp_box(box, size):
+    """Round a box to whole pixels inside an image of `size`; None if nothing is left."""
+    width, height = size
+    left, top = max(0, round(box[0])), max(0, round(box[1]))
+    right, bottom = min(width, round(box[2])), min(height, round(box[3]))
+    return (left, top, right, bottom) if left < right and top < bottom else None
+
+
+def write_splits(data_path, data_name, records, n_train_classes, crop):
+    """Keep the records whose image decodes (cropping it if asked), group them by class, save."""
+    root = os.path.join(data_path, data_name)
+    splits = {'train': {}, 'test': {}}
+    skipped = []
+    # sorting by class id orders the classes in the saved dicts; sorted() is stable, so
+    # images keep their metadata order within a class
+    for rel_path, class_id, class_name, box in tqdm(sorted(records, key=lambda r: r[1]),
+                                                    desc=f'{data_name}: decoding images', unit='img'):
+        path = os.path.join(root, rel_path)
+        try:
+            img = read_rgb(path)
+        except Exception as e:  # Pillow reports corrupt files with OSError, SyntaxError, EOFError, ...
+            warnings.warn(f'skipping unreadable image {path}: {e}')
+            skipped.append(path)
+            continue
+        if crop:
+            pixels = clamp_box(box, img.size)
+            if pixels is None:
+                warnings.warn(f'skipping {path}: bounding box {box} lies outside the {img.width}x{img.height} image')
+                skipped.append(path)
+                continue
+            rel_path = os.path.join('cropped', os.path.splitext(rel_path)[0] + '.jpg')
+            os.makedirs(os.path.dirname(os.path.join(root, rel_path)), exist_ok=True)
+            img.crop(pixels).save(os.path.join(root, rel_path), 'JPEG', quality=95)
+        split = 'train' if class_id <= n_train_classes else 'test'
+        splits[split].setdefault(class_name, []).append(rel_path)
+
+    if skipped:
+        warnings.warn(f'{data_name}: skipped {len(skipped)} of {len(records)} images (named above)')
+    for split, classes in splits.items():
+        if not classes:
+            raise ValueError(f'{root}: no usable {split} images ({len(skipped)} of {len(records)} skipped)')
+    out = split_path(data_path, data_name, crop)
+    with atomic_path(out) as tmp:
+        torch.save(splits, tmp)
+    counts = ', '.join(f'{split} {len(classes)} classes / {sum(map(len, classes.values()))} images'
+                       for split, classes in splits.items())
+    print(f'{data_name}: {counts}, skipped {len(skipped)} -> {out}')
+    return out
+
+
+def require(path, layout):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} not found; expected {layout}')
+
+
+def read_table(path, layout, *types):
+    """Parse a CUB metadata file of '<id> <value> ...' lines into {id: value} or {id: (values)}."""
+    table = {}
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            # maxsplit keeps the last column whole, so too many fields fail its type conversion
+            fields = line.split(maxsplit=len(types) - 1)
+            try:
+                key, *values = [convert(field) for convert, field in zip(types, fields, strict=True)]
+            except ValueError:
+                raise ValueError(f"{path}, line {line_number}: expected '{layout}', got {line!r}") from None
+            table[key] = values[0] if len(values) == 1 else tuple(values)
+    return table
+
+# -----------------------------------------------------------------------------
+# CUB-200-2011
+
+
+CUB_LAYOUT = ('the extracted CUB_200_2011.tgz, i.e. images.txt, image_class_labels.txt, bounding_boxes.txt, '
+              'classes.txt and images/ in DIR/cub/ or DIR/cub/CUB_200_2011/')
+
+
+def prepare_cub(data_path, crop=False):
+    root = os.path.join(data_path, 'cub')
+    # the archive extracts to CUB_200_2011/; its contents moved up into DIR/cub/ work too
+    nested = os.path.join(root, 'CUB_200_2011')
+    base = nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, 'images.txt')) else root
+    images_txt = os.path.join(base, 'images.txt')
+    labels_txt = os.path.join(base, 'image_class_labels.txt')
+    boxes_txt = os.path.join(base, 'bounding_boxes.txt')
+    classes_txt = os.path.join(base, 'classes.txt')
+    images_dir = os.path.join(base, 'images')
+    for path in [images_txt, labels_txt, images_dir] + ([boxes_txt] if crop else []):
+        require(path, CUB_LAYOUT)
+
+    image_paths = read_table(images_txt, '<image_id> <image_path>', int, str)
+    labels = read_table(labels_txt, '<image_id> <class_id>', int, int)
+    boxes = {}
+    if crop:
+        boxes = {image_id: (x, y, x + width, y + height) for image_id, (x, y, width, height)
+                 in read_table(boxes_txt, '<image_id> <x> <y> <width> <height>', int, *[float] * 4).items()}
+    for table, path in [(labels, labels_txt)] + ([(boxes, boxes_txt)] if crop else []):
+        missing = sorted(image_paths.keys() - table.keys())
+        if missing:
+            raise ValueError(f'{path} has no line for image ids {missing[:5]} listed in {images_txt}')
+    # without classes.txt the image folders ('001.Black_footed_Albatross/') name the classes
+    class_names = read_table(classes_txt, '<class_id> <class_name>', int, str) if os.path.exists(classes_txt) else {}
+
+    images_rel = os.path.relpath(images_dir, root)
+    records = [(os.path.join(images_rel, image_path), labels[image_id],
+                class_names.get(labels[image_id], os.path.dirname(image_path)), boxes.get(image_id))
+               for image_id, image_path in image_paths.items()]
+    return write_splits(data_path, 'cub', records, n_train_classes=100, crop=crop)
+
+# -----------------------------------------------------------------------------
+# Cars196
+
+
+CARS_LAYOUT = ('in DIR/car/ either car_ims/ + cars_annos.mat, or cars_train/ + devkit/cars_train_annos.mat '
+               'and/or cars_test/ + cars_test_annos_withlabels.mat (also looked for in devkit/), '
+               'with class names in devkit/cars_meta.mat')
+CARS_FIELDS = ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class')
+
+
+def load_mat(path, key, fields=()):
+    """Load variable `key` of a .mat file as a 1-D array (of structs when `fields` are given).
+
+    squeeze_me strips MATLAB's 1xN and 1x1 wrappers so values come out as plain scalars and
+    strings, but it also collapses a one-element array to 0-d; atleast_1d undoes that.
+    """
+    mat = scipy.io.loadmat(path, squeeze_me=True, variable_names=[key])
+    if key not in mat:
+        raise ValueError(f'{path} has no variable {key!r}')
+    array = np.atleast_1d(mat[key])
+    missing = [field for field in fields if field not in (array.dtype.names or ())]
+    if missing:
+        raise ValueError(f'{path}: {key!r} lacks the fields {", ".join(missing)}')
+    return array
+
+
+def load_class_names(path):
+    return {class_id: str(name) for class_id, name in enumerate(load_mat(path, 'class_names'), 1)}
+
+
+def cars_records(rel_paths, annos, class_names):
+    records = []
+    for rel_path, x1, y1, x2, y2, class_id in zip(rel_paths, *(annos[field] for field in CARS_FIELDS)):
+        class_id = int(class_id)
+        name = class_names.get(class_id, f'class_{class_id:03d}')
+        # MATLAB boxes are 1-based with inclusive corners
+        records.append((rel_path, class_id, name, (float(x1) - 1, float(y1) - 1, float(x2), float(y2))))
+    return records
+
+
+def read_cars_annos(root):
+    """The cars_annos.mat release: one struct array for all images, paths under car_ims/."""
+    annos_path = os.path.join(root, 'cars_annos.mat')
+    require(os.path.join(root, 'car_ims'), CARS_LAYOUT)
+    annos = load_mat(annos_path, 'annotations', CARS_FIELDS + ('relative_im_path',))
+    return cars_records(annos['relative_im_path'], annos, load_class_names(annos_path))
+
+
+def read_cars_devkit(root):
+    """The devkit release: cars_train/ and cars_test/ each with its own annotation file."""
+    meta = os.path.join(root, 'devkit', 'cars_meta.mat')
+    class_names = load_class_names(meta) if os.path.exists(meta) else {}
+    halves = [('cars_train', [os.path.join(root, 'devkit', 'cars_train_annos.mat')]),
+              ('cars_test', [os.path.join(root, name, 'cars_test_annos_withlabels.mat') for name in ('', 'devkit')])]
+    records, found = [], False
+    for folder, candidates in halves:
+        annos_path = next((path for path in candidates if os.path.exists(path)), None)
+        if annos_path is None:
+            if os.path.isdir(os.path.join(root, folder)):
+                warnings.warn(f'ignoring {os.path.join(root, folder)}: its labels {" or ".join(candidates)} are missing')
+            continue
+        require(os.path.join(root, folder), CARS_LAYOUT)
+        annos = load_mat(annos_path, 'annotations', CARS_FIELDS + ('fname',))
+        records += cars_records([os.path.join(folder, fname) for fname in annos['fname']], annos, class_names)
+        found = True
+    if not found:
+        raise FileNotFoundError(f'no Cars196 annotations in {root}; expected {CARS_LAYOUT}')
+    return records
+
+
+def prepare_cars(data_path, crop=False):
+    root = os.path.join(data_path, 'car')
+    if os.path.exists(os.path.join(root, 'cars_annos.mat')):
+        records = read_cars_annos(root)
+    else:
+        records = read_cars_devkit(root)
+    return write_splits(data_path, 'car', records, n_train_classes=98, crop=crop)
+
+# -----------------------------------------------------------------------------
+# synthetic: the embedded default, a small fine-grained set generated on disk
+
+# Each class is one combination of these attribute values. Test classes are combinations
+# never seen in training, built from values that all were: an embedding that learned the
+# attributes transfers, one that memorised the training classes does not.
+SHAPES = ('circle', 'square', 'triangle', 'star', 'cross', 'pentagon')
+COLOURS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (50, 80, 230), 'yellow': (230, 210, 40),
+           'magenta': (200, 50, 200), 'cyan': (40, 200, 210)}
+PATTERNS = ('solid', 'stripes', 'dots', 'checks')
+DETAILS = ('plain', 'black-eye', 'white-eye')
+
+
+def _outline(shape, radius):
+    """Polygon points (or a bounding box for the circle) centred on (radius, radius)."""
+    c = radius
+    if shape == 'circle':
+        return [(0, 0), (2 * c, 2 * c)]
+    corners = {'square': 4, 'triangle': 3, 'pentagon': 5}
+    if shape in corners:
+        n = corners[shape]
+        return [(c + c * math.cos(2 * math.pi * k / n - math.pi / 2), c + c * math.sin(2 * math.pi * k / n - math.pi / 2))
+                for k in range(n)]
+    if shape == 'star':
+        return [(c + r * math.cos(math.pi * k / 5 - math.pi / 2), c + r * math.sin(math.pi * k / 5 - math.pi / 2))
+                for k, r in zip(range(10), itertools.cycle((c, 0.45 * c)))]
+    w = 0.33 * c  # cross: a plus sign of arm half-width w
+    return [(c - w, 0), (c + w, 0), (c + w, c - w), (2 * c, c - w), (2 * c, c + w), (c + w, c + w),
+            (c + w, 2 * c), (c - w, 2 * c), (c - w, c + w), (0, c + w), (0, c - w), (c - w, c - w)]
+
+
+def _pattern(pattern, colour, size, period, rng):
+    base = np.array(colour, dtype=np.float32) * rng.uniform(0.8, 1.1)
+    dark = base * 0.35
+    y, x = np.mgrid[:size, :size]
+    if pattern == 'solid':
+        mask = np.zeros((size, size), bool)
+    elif pattern == 'stripes':
+        mask = (x // period) % 2 == 1
+    elif pattern == 'checks':
+        mask = ((x // period) + (y // period)) % 2 == 1
+    else:  # dots on a grid
+        mask = ((x % (2 * period) - period) ** 2 + (y % (2 * period) - period) ** 2) < (0.5 * period) ** 2
+    fill = np.where(mask[..., None], dark, base)
+    return Image.fromarray(np.clip(fill, 0, 255).astype(np.uint8))
+
+
+def _background(size, rng):
+    tone = rng.uniform(60, 160, size=3)
+    canvas = np.ones((size, size, 3), np.float32) * tone
+    image = Image.fromarray(canvas.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(4, 9)):  # clutter: strokes and blobs in muted colours
+        colour = tuple(int(v) for v in rng.uniform(30, 200, size=3))
+        x0, y0, x1, y1 = rng.uniform(0, size, size=4)
+        if rng.random() < 0.5:
+            draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 4)))
+        else:
+            r = rng.uniform(2, size / 8)
+            draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
+    return image
+
+
+def render(shape, colour, pattern, detail, size, rng):
+    image = _background(size, rng)
+    radius = int(size * rng.uniform(0.22, 0.34))
+    side = 2 * radius
+    mask = Image.new('L', (side + 1, side + 1), 0)
+    outline = _outline(shape, radius)
+    (ImageDraw.Draw(mask).ellipse if shape == 'circle' else ImageDraw.Draw(mask).polygon)(outline, fill=255)
+    obj = _pattern(pattern, COLOURS[colour], side + 1, max(2, side // 7), rng)
+    if detail != 'plain':
+        eye = radius * 0.28
+        ImageDraw.Draw(obj).ellipse([radius - eye, radius - eye, radius + eye, radius + eye],
+                                    fill=(15, 15, 15) if detail == 'black-eye' else (245, 245, 245))
+    angle = rng.uniform(0, 360)
+    obj = obj.rotate(angle, resample=Image.BILINEAR, expand=True)
+    mask = mask.rotate(angle, resample=Image.BILINEAR, expand=True)
+    x = int(rng.integers(0, max(1, size - obj.width)))
+    y = int(rng.integers(0, max(1, size - obj.height)))
+    image.paste(obj, (x, y), mask)
+    pixels = np.asarray(image, np.float32) + rng.normal(0, 12, size=(size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.7)))
+
+
+def synthetic_classes(num_classes, seed):
+    """Split attribute combinations into train and test classes, every test value seen in training."""
+    combos = list(itertools.product(SHAPES, COLOURS, PATTERNS, DETAILS))
+    if not 2 <= num_classes <= len(combos):
+        raise ValueError(f'--num_classes must be between 2 and {len(combos)}, got {num_classes}')
+    rng = np.random.default_rng(seed)
+    while True:
+        chosen = [combos[i] for i in rng.permutation(len(combos))[:num_classes]]
+        train, test = chosen[:num_classes // 2], chosen[num_classes // 2:]
+        if all({c[k] for c in test} <= {c[k] for c in train} for k in range(4)):
+            return train, test
+
+
+def prepare_synthetic(data_path, crop=False, num_classes=100, images_per_class=20, image_size=64, seed=0):
+    root = os.path.join(data_path, 'synthetic')
+    train, test = synthetic_classes(num_classes, seed)
+    records = []
+    for class_id, attributes in enumerate(train + test, 1):
+        name = '-'.join(attributes)
+        os.makedirs(os.path.join(root, 'images', name), exist_ok=True)
+        for i in range(images_per_class):
+            # seeded per (class, image): any image can be regenerated alone, in any order
+            rng = np.random.default_rng([seed, class_id, i])
+            rel_path = os.path.join('images', name, f'{i:03d}.jpg')
+            render(*attributes, image_size, rng).save(os.path.join(root, rel_path), quality=95)
+            records.append((rel_path, class_id, name, (0, 0, image_size, image_size)))
+    return write_splits(data_path, 'synthetic', records, n_train_classes=len(train), crop=crop)
+
+# -----------------------------------------------------------------------------
+# command line
+
+# Each preparer reads DIR/<name>/ and writes split_path(DIR, name, crop); new datasets go here.
+PREPARERS = {
+    'car': prepare_cars,
+    'cub': prepare_cub,
+    'synthetic': prepare_synthetic,
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Write the train/test class splits of a retrieval dataset.')
+    parser.add_argument('--data_path', default='data', help='folder holding one sub-folder per dataset')
+    parser.add_argument('--data_name', required=True, choices=[*PREPARERS, 'all'])
+    parser.add_argument('--crop', action='store_true', help='save bounding-box crops and list those instead')
+    synthetic = parser.add_argument_group('synthetic set (--data_name synthetic)')
+    synthetic.add_argument('--num_classes', type=int, default=100, help='half train, half unseen test classes')
+    synthetic.add_argument('--images_per_class', type=int, default=20)
+    synthetic.add_argument('--image_size', type=int, default=64)
+    synthetic.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    synthetic_options = dict(num_classes=args.num_classes, images_per_class=args.images_per_class,
+                             image_size=args.image_size, seed=args.seed)
+    names = list(PREPARERS) if args.data_name == 'all' else [args.data_name]
+    try:
+        for name in names:
+            options = synthetic_options if name == 'synthetic' else {}
+            PREPARERS[name](args.data_path, crop=args.crop, **options)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()
