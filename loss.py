@@ -14,6 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def at_least_fp32(x):
+    # mixed-precision embeddings are upcast: scale * cosine sharpens the softmax enough that
+    # fp16/bf16 rounding of the logits visibly changes the loss
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class NormalizedSoftmaxLoss(nn.Module):
 
     def __init__(self, num_classes, feature_dim, scale=32.0):
@@ -25,15 +31,14 @@ class NormalizedSoftmaxLoss(nn.Module):
         return embeddings @ proxies.t()
 
     def forward(self, embeddings, labels):
-        # proxy math in fp32 even under autocast: scale * cosine saturates fp16/bf16 softmax
-        embeddings = F.normalize(embeddings.float(), dim=-1)
-        proxies = F.normalize(self.proxies.float(), dim=-1)
+        embeddings = F.normalize(at_least_fp32(embeddings), dim=-1)
+        proxies = F.normalize(at_least_fp32(self.proxies), dim=-1)
         return F.cross_entropy(self.scale * self.similarities(embeddings, proxies, labels), labels)
 
     @torch.no_grad()
     def predict(self, embeddings):
         """Class of the nearest proxy (for the proxy-classification accuracy)."""
-        return (embeddings.float() @ F.normalize(self.proxies.float(), dim=-1).t()).argmax(dim=-1)
+        return (at_least_fp32(embeddings) @ F.normalize(at_least_fp32(self.proxies), dim=-1).t()).argmax(dim=-1)
 
 
 class PositiveProxyLoss(NormalizedSoftmaxLoss):

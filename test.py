@@ -92,13 +92,14 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, 'retrieval_img_*.jpg')):  # an earlier query's results
         os.remove(stale)
-    framed(images[query_index], GREY).save(os.path.join(out_dir, 'query_img.jpg'))
+    query_image = framed(images[query_index], GREY)
+    query_image.save(os.path.join(out_dir, 'query_img.jpg'))
     results = []
     for rank, (index, similarity) in enumerate(zip(indices, similarities), 1):
         image = framed(images[index], GREEN if labels[index] == query_label else RED)
         image.save(os.path.join(out_dir, f'retrieval_img_{rank}_{similarity:.4f}.jpg'))
         results.append((image, f'#{rank}  {similarity:.3f}\n{classes[labels[index]]}'))
-    save_grid((framed(images[query_index], GREY), classes[query_label]), results, os.path.join(out_dir, 'grid.png'))
+    save_grid((query_image, classes[query_label]), results, os.path.join(out_dir, 'grid.png'))
     correct = sum(labels[i] == query_label for i in indices)
     print(f'{correct}/{len(indices)} retrieved images share the query class {classes[query_label]!r}; '
           f'written to {out_dir}/ (grid.png)')

@@ -96,7 +96,7 @@ def recall(embeddings, labels, ks, block_size=1024):
     n, max_k = len(labels), max(ks)
     if max_k >= n:
         raise ValueError(f'Recall@{max_k} needs more than {max_k} images, got {n}')
-    hits = torch.zeros(len(ks), device=embeddings.device)
+    hits = torch.zeros(len(ks), dtype=torch.long, device=embeddings.device)
     for start in range(0, n, block_size):
         queries = embeddings[start:start + block_size]
         similarities = queries @ embeddings.t()
@@ -106,7 +106,7 @@ def recall(embeddings, labels, ks, block_size=1024):
         matches = labels[neighbours] == labels[start:start + block_size, None]
         for i, k in enumerate(ks):
             hits[i] += matches[:, :k].any(dim=1).sum()
-    return (hits / n).tolist()
+    return [h / n for h in hits.tolist()]
 
 # -----------------------------------------------------------------------------
 # plots

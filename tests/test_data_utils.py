@@ -8,7 +8,8 @@ import scipy.io
 import torch
 from PIL import Image
 
-from data_utils import load_splits, main, prepare_cars, prepare_cub, read_rgb, split_path
+from data_utils import load_splits, main, prepare_cars, prepare_cub, split_path
+from utils import read_rgb
 
 # -----------------------------------------------------------------------------
 # image writers: each creates (or, for the broken ones, botches) the file at `path`
@@ -387,6 +388,7 @@ def test_all_prepares_every_dataset(tmp_path):
     main(['--data_path', str(tmp_path), '--data_name', 'all'])
     assert os.path.isfile(split_path(str(tmp_path), 'cub'))
     assert os.path.isfile(split_path(str(tmp_path), 'car'))
+    assert os.path.isfile(split_path(str(tmp_path), 'synthetic'))
 
 
 def test_load_splits_missing_file_tells_the_command_to_run(tmp_path):

@@ -1,0 +1,101 @@
+"""train.py as a user runs it: a real short run on the synthetic set, its files, and its failures."""
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import data_utils
+import train
+from model import Model
+from utils import ImageDataset, build_transforms
+
+
+@pytest.mark.slow
+def test_training_lifts_heldout_recall_clearly_above_epoch_0(trained_run):
+    statistics = pd.read_csv(f"{trained_run['prefix']}_statistics.csv")
+    assert statistics['epoch'].tolist() == [0, 1, 2, 3, 4, 5]
+    r1 = statistics['recall@1']
+    assert r1.iloc[0] < 0.5  # the untrained network is far from perfect...
+    assert r1.iloc[-1] > r1.iloc[0] + 0.10  # ...and training on other classes transfers
+    assert statistics['loss'].iloc[-1] < statistics['loss'].iloc[1]
+
+
+@pytest.mark.slow
+def test_run_writes_csv_figure_args_model_and_database(trained_run):
+    prefix, args = trained_run['prefix'], trained_run['args']
+    assert list(pd.read_csv(f'{prefix}_statistics.csv').columns) == \
+        ['epoch', 'loss', 'accuracy', 'recall@1', 'recall@2', 'recall@4', 'recall@8']
+    with open(f'{prefix}_results.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    with open(f'{prefix}_args.json') as f:
+        assert json.load(f)['loss_name'] == 'positive_proxy'
+    database = torch.load(f'{prefix}_data_base.pth', weights_only=True)
+    assert len(database['test_images']) == len(set(database['test_images'])) == 1000
+    assert database['test_embeddings'].shape == (1000, 512)
+    assert database['train_embeddings'].shape == (1000, 512)
+    assert database['proxies'].shape == (50, 512)
+    assert set(database['test_classes']).isdisjoint(database['train_classes'])
+
+
+@pytest.mark.slow
+def test_saved_model_rebuilds_and_reproduces_the_database_embeddings(trained_run):
+    checkpoint = torch.load(f"{trained_run['prefix']}_model.pth", weights_only=True)
+    saved = checkpoint['args']
+    model = Model(saved['backbone_type'], saved['feature_dim'], pretrained='none', pooling=saved['pooling'])
+    model.load_state_dict(checkpoint['model'])
+    model.eval()
+    database = torch.load(f"{trained_run['prefix']}_data_base.pth", weights_only=True)
+    _, test_transform = build_transforms(model.backbone_spec, saved['image_size'])
+    dataset = ImageDataset(database['test_images'][:8], database['test_labels'][:8], test_transform)
+    with torch.no_grad():
+        embeddings = model(torch.stack([dataset[i][0] for i in range(8)]))
+    torch.testing.assert_close(embeddings, database['test_embeddings'][:8], atol=1e-5, rtol=1e-4)
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_epoch(synthetic_path, tmp_path, monkeypatch):
+    build_loss = train.build_loss
+
+    def loss_that_diverges_in_epoch_2(*args):
+        loss_fn = build_loss(*args)
+        forward, calls = loss_fn.forward, []
+
+        def diverging(embeddings, labels):
+            calls.append(1)
+            loss = forward(embeddings, labels)
+            return loss * float('nan') if len(calls) > 2 else loss
+        loss_fn.forward = diverging
+        return loss_fn
+    monkeypatch.setattr(train, 'build_loss', loss_that_diverges_in_epoch_2)
+    # 5 training classes x 10 images at batch 25: two steps per epoch, so the third is in epoch 2
+    data = tmp_path / 'data'
+    data_utils.prepare_synthetic(str(data), num_classes=10, images_per_class=10, image_size=32)
+    out = tmp_path / 'results'
+    with pytest.raises(SystemExit) as stop:
+        train.main(['--data_path', str(data), '--data_name', 'synthetic', '--backbone_type', 'resnet18',
+                    '--pretrained', 'none', '--image_size', '32', '--batch_size', '25', '--num_epochs', '3',
+                    '--num_workers', '0', '--output_dir', str(out)])
+    assert 'epoch 2' in str(stop.value) and 'epoch 1' in str(stop.value)
+    prefix = out / 'synthetic_resnet18_positive_proxy_512_3'
+    assert pd.read_csv(f'{prefix}_statistics.csv')['epoch'].tolist() == [0, 1]
+    assert torch.load(f'{prefix}_model.pth', weights_only=True)['epoch'] == 1
+    assert torch.load(f'{prefix}_data_base.pth', weights_only=True)['epoch'] == 1
+    assert not [f for f in os.listdir(out) if f.startswith('.tmp')]
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--recalls', '1,two'], '--recalls'),
+    (['--data_name', 'mnist'], 'invalid choice'),
+    (['--backbone_type', 'vgg'], 'invalid choice'),
+])
+def test_bad_flags_exit_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(flags)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_splits_tell_the_user_to_run_data_utils(tmp_path):
+    with pytest.raises(FileNotFoundError, match='python data_utils.py'):
+        train.main(['--data_path', str(tmp_path), '--data_name', 'cub', '--pretrained', 'none'])
