@@ -1,12 +1,17 @@
-"""Build the train/test retrieval splits of CUB-200-2011, Cars196 and the synthetic default.
+"""Build the retrieval splits of CUB-200-2011, Cars196, Stanford Online Products, In-shop
+Clothes and the synthetic default.
 
     python data_utils.py --data_path data --data_name all [--crop]
 
 writes DIR/<name>/uncropped_data_dicts.pth (or cropped_data_dicts.pth) holding
-{'train': {class_name: [image path, ...]}, 'test': {...}}. The paths are relative to
-DIR/<name>/ so the data folder can move; load_splits() joins them back on.
-Retrieval benchmarks split by class, not by image: the network trains on the first half
-of the classes and is evaluated by searching among the unseen second half.
+{'train': {class_name: [image path, ...]}, 'test': {...}}, or for In-shop
+{'train': ..., 'query': ..., 'gallery': ...}. The paths are relative to DIR/<name>/ so the
+data folder can move; load_splits() joins them back on.
+Retrieval benchmarks split by class, not by image: the network trains on some classes and
+is evaluated by searching among unseen ones. CUB and Cars take the first half of their
+class ids for training; SOP and In-shop ship their split in their metadata, and In-shop
+searches its test items' query images among their gallery images rather than among
+each other. Only CUB, Cars and the synthetic set can be cropped (--crop).
 """
 import argparse
 import itertools
@@ -34,7 +39,11 @@ def split_path(data_path, data_name, crop=False):
 
 
 def load_splits(data_path, data_name, crop=False):
-    """Return {'train'|'test': {class_name: [image path]}} with paths usable from the cwd."""
+    """Return {split: {class_name: [image path]}} with paths usable from the cwd.
+
+    The splits are whatever the preparer saved: 'train' and 'test', or for In-shop
+    'train', 'query' and 'gallery'.
+    """
     path = split_path(data_path, data_name, crop)
     if data_name == 'synthetic' and not os.path.exists(path):
         prepare_synthetic(data_path, crop)  # the embedded default needs no download
@@ -50,8 +59,9 @@ def load_splits(data_path, data_name, crop=False):
 # -----------------------------------------------------------------------------
 # checking images and writing splits
 
-# A record is (path relative to DIR/<name>/, class id, class name, bounding box), where the
-# box is (left, top, right, bottom) in PIL's convention: 0-based, right/bottom exclusive.
+# A record is (path relative to DIR/<name>/, class id, class name, bounding box, split), where
+# the box is (left, top, right, bottom) in PIL's convention: 0-based, right/bottom exclusive,
+# or None for datasets without boxes. Class ids need only sort, to order the saved classes.
 
 
 def clamp_box(box, size):
@@ -62,15 +72,20 @@ def clamp_box(box, size):
     return (left, top, right, bottom) if left < right and top < bottom else None
 
 
-def write_splits(data_path, data_name, records, n_train_classes, crop):
-    """Keep the records whose image decodes (cropping it if asked), group them by class, save."""
+def split_by_class(records, n_train_classes):
+    """Complete (path, class id, name, box) records: ids 1..n_train_classes train, the rest test."""
+    return [(*record, 'train' if record[1] <= n_train_classes else 'test') for record in records]
+
+
+def write_splits(data_path, data_name, records, crop, split_names=('train', 'test')):
+    """Keep the records whose image decodes (cropping it if asked), group them by split and class, save."""
     root = os.path.join(data_path, data_name)
-    splits = {'train': {}, 'test': {}}
+    splits = {split: {} for split in split_names}
     skipped = []
     # sorting by class id orders the classes in the saved dicts; sorted() is stable, so
     # images keep their metadata order within a class
-    for rel_path, class_id, class_name, box in tqdm(sorted(records, key=lambda r: r[1]),
-                                                    desc=f'{data_name}: decoding images', unit='img'):
+    for rel_path, class_id, class_name, box, split in tqdm(sorted(records, key=lambda r: r[1]),
+                                                           desc=f'{data_name}: decoding images', unit='img'):
         path = os.path.join(root, rel_path)
         try:
             img = read_rgb(path)
@@ -87,7 +102,6 @@ def write_splits(data_path, data_name, records, n_train_classes, crop):
             rel_path = os.path.join('cropped', os.path.splitext(rel_path)[0] + '.jpg')
             os.makedirs(os.path.dirname(os.path.join(root, rel_path)), exist_ok=True)
             img.crop(pixels).save(os.path.join(root, rel_path), 'JPEG', quality=95)
-        split = 'train' if class_id <= n_train_classes else 'test'
         splits[split].setdefault(class_name, []).append(rel_path)
 
     if skipped:
@@ -109,22 +123,52 @@ def require(path, layout):
         raise FileNotFoundError(f'{path} not found; expected {layout}')
 
 
-def read_table(path, layout, *types):
-    """Parse a CUB metadata file of '<id> <value> ...' lines into {id: value} or {id: (values)}."""
-    table = {}
+def release_base(root, folder, marker):
+    """Where an archive's files are: root/folder/ as it extracts, or root/ if they were moved up
+    (told apart by the file `marker`)."""
+    nested = os.path.join(root, folder)
+    return nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, marker)) else root
+
+
+def read_rows(path, layout, *types, header=()):
+    """Parse a metadata file of whitespace-separated '<value> ...' lines into tuples of `types`.
+
+    `header` holds the text of the lines before the rows (None: any text); checking it, rather
+    than skipping lines blindly, keeps a file that lost its header from losing a row instead.
+    """
+    rows = []
     with open(path) as f:
         for line_number, line in enumerate(f, 1):
             line = line.strip()
-            if not line:
-                continue
-            # maxsplit keeps the last column whole, so too many fields fail its type conversion
-            fields = line.split(maxsplit=len(types) - 1)
-            try:
-                key, *values = [convert(field) for convert, field in zip(types, fields, strict=True)]
-            except ValueError:
-                raise ValueError(f"{path}, line {line_number}: expected '{layout}', got {line!r}") from None
-            table[key] = values[0] if len(values) == 1 else tuple(values)
-    return table
+            if line_number <= len(header):
+                expected = header[line_number - 1]
+                if expected is not None and line.split() != expected.split():
+                    raise ValueError(f"{path}, line {line_number}: expected the header '{expected}', got {line!r}")
+            elif line:
+                # maxsplit keeps the last column whole, so too many fields fail its type conversion
+                fields = line.split(maxsplit=len(types) - 1)
+                try:
+                    rows.append(tuple(convert(field) for convert, field in zip(types, fields, strict=True)))
+                except ValueError:
+                    raise ValueError(f"{path}, line {line_number}: expected '{layout}', got {line!r}") from None
+    return rows
+
+
+def read_table(path, layout, *types):
+    """Parse a CUB metadata file of '<id> <value> ...' lines into {id: value} or {id: (values)}."""
+    return {key: values[0] if len(values) == 1 else tuple(values) for key, *values in read_rows(path, layout, *types)}
+
+
+# Datasets whose splits --crop cannot make, and why; --data_name all passes over them.
+WITHOUT_BOXES = {'sop': 'the release has no bounding boxes',
+                 'inshop': 'its boxes (Anno/list_bbox_inshop.txt) are not read'}
+
+
+def refuse_crop(data_name, crop):
+    # listing uncropped images as the cropped split would pass off whole photos as crops
+    if crop:
+        raise ValueError(f'--crop is not supported for {data_name}: {WITHOUT_BOXES[data_name]}; '
+                         'prepare it without --crop')
 
 # -----------------------------------------------------------------------------
 # CUB-200-2011
@@ -136,9 +180,7 @@ CUB_LAYOUT = ('the extracted CUB_200_2011.tgz, i.e. images.txt, image_class_labe
 
 def prepare_cub(data_path, crop=False):
     root = os.path.join(data_path, 'cub')
-    # the archive extracts to CUB_200_2011/; its contents moved up into DIR/cub/ work too
-    nested = os.path.join(root, 'CUB_200_2011')
-    base = nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, 'images.txt')) else root
+    base = release_base(root, 'CUB_200_2011', 'images.txt')
     images_txt = os.path.join(base, 'images.txt')
     labels_txt = os.path.join(base, 'image_class_labels.txt')
     boxes_txt = os.path.join(base, 'bounding_boxes.txt')
@@ -164,7 +206,7 @@ def prepare_cub(data_path, crop=False):
     records = [(os.path.join(images_rel, image_path), labels[image_id],
                 class_names.get(labels[image_id], os.path.dirname(image_path)), boxes.get(image_id))
                for image_id, image_path in image_paths.items()]
-    return write_splits(data_path, 'cub', records, n_train_classes=100, crop=crop)
+    return write_splits(data_path, 'cub', split_by_class(records, n_train_classes=100), crop=crop)
 
 # -----------------------------------------------------------------------------
 # Cars196
@@ -242,7 +284,71 @@ def prepare_cars(data_path, crop=False):
         records = read_cars_annos(root)
     else:
         records = read_cars_devkit(root)
-    return write_splits(data_path, 'car', records, n_train_classes=98, crop=crop)
+    return write_splits(data_path, 'car', split_by_class(records, n_train_classes=98), crop=crop)
+
+# -----------------------------------------------------------------------------
+# Stanford Online Products: Ebay_train.txt and Ebay_test.txt list the two halves
+
+
+SOP_LAYOUT = ('the extracted Stanford_Online_Products.zip, i.e. Ebay_train.txt, Ebay_test.txt and the '
+              '<category>_final/ image folders, in DIR/sop/ or DIR/sop/Stanford_Online_Products/')
+
+
+def prepare_sop(data_path, crop=False):
+    refuse_crop('sop', crop)
+    root = os.path.join(data_path, 'sop')
+    base = release_base(root, 'Stanford_Online_Products', 'Ebay_train.txt')
+    lists = {split: os.path.join(base, f'Ebay_{split}.txt') for split in ('train', 'test')}
+    for path in lists.values():
+        require(path, SOP_LAYOUT)
+    records, names = [], {}
+    for split, path in lists.items():
+        for _, class_id, _, image_path in read_rows(path, '<image_id> <class_id> <super_class_id> <path>',
+                                                    int, int, int, str,
+                                                    header=['image_id class_id super_class_id path']):
+            # a class is one product, its images named <product id>_<k>.JPG in a category folder:
+            # 'bicycle_final/111085122871' reads better than the bare class id
+            name = names.setdefault(class_id, image_path.rsplit('_', 1)[0])
+            records.append((os.path.relpath(os.path.join(base, image_path), root), class_id, name, None, split))
+    classes_named = {}
+    for class_id, name in names.items():
+        if classes_named.setdefault(name, class_id) != class_id:  # one name would merge two classes
+            raise ValueError(f'{base}: classes {classes_named[name]} and {class_id} would both be named {name!r}')
+    # a missing category folder would otherwise show up as thousands of unreadable images
+    for folder in sorted({os.path.dirname(record[0]) for record in records}):
+        require(os.path.join(root, folder), SOP_LAYOUT)
+    return write_splits(data_path, 'sop', records, crop=False)
+
+# -----------------------------------------------------------------------------
+# In-shop Clothes: list_eval_partition.txt puts each image in train, query or gallery
+
+
+INSHOP_LAYOUT = ('the In-shop Clothes release in DIR/inshop/: list_eval_partition.txt '
+                 '(or Eval/list_eval_partition.txt) and img/ extracted from Img/img.zip')
+INSHOP_SPLITS = ('train', 'query', 'gallery')
+
+
+def evaluation_status(text):
+    """A read_rows column type, so a misspelt status fails naming its line instead of adding a split."""
+    if text not in INSHOP_SPLITS:
+        raise ValueError(text)
+    return text
+
+
+def prepare_inshop(data_path, crop=False):
+    refuse_crop('inshop', crop)
+    root = os.path.join(data_path, 'inshop')
+    candidates = [os.path.join(root, 'list_eval_partition.txt'), os.path.join(root, 'Eval', 'list_eval_partition.txt')]
+    partition = next((path for path in candidates if os.path.exists(path)), candidates[0])
+    require(partition, INSHOP_LAYOUT)
+    require(os.path.join(root, 'img'), INSHOP_LAYOUT)
+    # line 1 is the image count, line 2 names the columns
+    rows = read_rows(partition, '<image_name> <item_id> <train|query|gallery>', str, str, evaluation_status,
+                     header=[None, 'image_name item_id evaluation_status'])
+    # the item is the class; a test item's images are split between query and gallery, which is
+    # what the query-to-gallery evaluation needs, so they stay in separate dicts under the same name
+    records = [(image_name, item_id, item_id, None, status) for image_name, item_id, status in rows]
+    return write_splits(data_path, 'inshop', records, crop=False, split_names=INSHOP_SPLITS)
 
 # -----------------------------------------------------------------------------
 # synthetic: the embedded default, a small fine-grained set generated on disk
@@ -355,7 +461,7 @@ def prepare_synthetic(data_path, crop=False, num_classes=100, images_per_class=2
             rel_path = os.path.join('images', name, f'{i:03d}.jpg')
             render(*attributes, image_size, rng).save(os.path.join(root, rel_path), quality=95)
             records.append((rel_path, class_id, name, (0, 0, image_size, image_size)))
-    return write_splits(data_path, 'synthetic', records, n_train_classes=len(train), crop=crop)
+    return write_splits(data_path, 'synthetic', split_by_class(records, n_train_classes=len(train)), crop=crop)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -364,15 +470,31 @@ def prepare_synthetic(data_path, crop=False, num_classes=100, images_per_class=2
 PREPARERS = {
     'car': prepare_cars,
     'cub': prepare_cub,
+    'inshop': prepare_inshop,
+    'sop': prepare_sop,
     'synthetic': prepare_synthetic,
 }
 
 
+def skip_reason(data_path, name, crop):
+    """Why --data_name all passes over `name`, or None: it prepares every dataset there is and can be."""
+    folder = os.path.join(data_path, name)
+    if name != 'synthetic' and not os.path.isdir(folder):  # the synthetic set is generated, not downloaded
+        return f'no {folder} folder'
+    if crop and name in WITHOUT_BOXES:
+        return WITHOUT_BOXES[name]
+    return None
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Write the train/test class splits of a retrieval dataset.')
+    parser = argparse.ArgumentParser(description='Write the class splits of a retrieval dataset.')
     parser.add_argument('--data_path', default='data', help='folder holding one sub-folder per dataset')
-    parser.add_argument('--data_name', required=True, choices=[*PREPARERS, 'all'])
-    parser.add_argument('--crop', action='store_true', help='save bounding-box crops and list those instead')
+    parser.add_argument('--data_name', required=True, choices=[*PREPARERS, 'all'],
+                        help='car (Cars196), cub (CUB-200-2011), inshop (In-shop Clothes) or sop (Stanford '
+                             'Online Products), read from DATA_PATH/<name>/ (a missing file names the layout '
+                             'expected); synthetic, generated there; all: synthetic and each dataset present')
+    parser.add_argument('--crop', action='store_true',
+                        help='save bounding-box crops and list those instead (car, cub and synthetic only)')
     synthetic = parser.add_argument_group('synthetic set (--data_name synthetic)')
     synthetic.add_argument('--num_classes', type=int, default=100, help='half train, half unseen test classes')
     synthetic.add_argument('--images_per_class', type=int, default=20)
@@ -384,6 +506,10 @@ def main(argv=None):
     names = list(PREPARERS) if args.data_name == 'all' else [args.data_name]
     try:
         for name in names:
+            reason = skip_reason(args.data_path, name, args.crop) if args.data_name == 'all' else None
+            if reason:
+                print(f'{name}: skipped, {reason}')
+                continue
             options = synthetic_options if name == 'synthetic' else {}
             PREPARERS[name](args.data_path, crop=args.crop, **options)
     except (FileNotFoundError, ValueError) as e:

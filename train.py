@@ -21,7 +21,9 @@ from tqdm import tqdm
 from data_utils import PREPARERS, load_splits
 from loss import LOSSES, build_loss
 from model import BACKBONES, POOLINGS, Model
-from utils import ImageDataset, atomic_path, build_transforms, flatten_split, plot_statistics, recall, run_name
+from utils import METRICS, ImageDataset, atomic_path, build_transforms, evaluate, flatten_split, plot_statistics, run_name
+
+NMI_MAX_CLASSES = 1000
 
 
 def parse_args(argv=None):
@@ -46,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument('--lr_decay_gamma', type=float, default=0.5)
     parser.add_argument('--image_size', type=int, default=224)
     parser.add_argument('--recalls', default='1,2,4,8', help='the K of Recall@K, comma-separated')
+    parser.add_argument('--metrics', default=None,
+                        help=f'comma-separated subset of {",".join(METRICS)}; default: all, '
+                             f'without nmi when the test set has over {NMI_MAX_CLASSES} classes (k-means is slow there)')
     parser.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'], help='auto: CUDA when present')
     parser.add_argument('--num_workers', type=int, default=min(8, os.cpu_count()), help='data loading processes')
     parser.add_argument('--seed', type=int, default=0)
@@ -55,6 +60,10 @@ def parse_args(argv=None):
         args.recalls = [int(k) for k in args.recalls.split(',')]
     except ValueError:
         parser.error(f'--recalls expects comma-separated integers like 1,2,4,8, got {args.recalls!r}')
+    if args.metrics is not None:
+        args.metrics = args.metrics.split(',')
+        if not set(args.metrics) <= set(METRICS):
+            parser.error(f'--metrics expects a comma-separated subset of {",".join(METRICS)}, got {",".join(args.metrics)}')
     if args.device == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     elif args.device == 'cuda' and not torch.cuda.is_available():
@@ -104,9 +113,15 @@ def main(argv=None):
 
     # data: proxies and labels index the sorted class names of each split
     splits = load_splits(args.data_path, args.data_name, args.crop)
-    train_classes, test_classes = sorted(splits['train']), sorted(splits['test'])
+    train_classes = sorted(splits['train'])
     train_images, train_labels = flatten_split(splits['train'], train_classes)
-    test_images, test_labels = flatten_split(splits['test'], test_classes)
+    # the test images are the gallery; In-shop also has separate queries (query -> gallery)
+    gallery = splits.get('gallery', splits.get('test'))
+    test_classes = sorted(set(gallery) | set(splits.get('query', {})))
+    test_images, test_labels = flatten_split(gallery, test_classes)
+    query_images, query_labels = flatten_split(splits['query'], test_classes) if 'query' in splits else ([], [])
+    if args.metrics is None:
+        args.metrics = [m for m in METRICS if m != 'nmi' or len(test_classes) <= NMI_MAX_CLASSES]
 
     model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn).to(device)
     train_transform, test_transform = build_transforms(model.backbone_spec, args.image_size)
@@ -117,8 +132,9 @@ def main(argv=None):
         drop_last=True, generator=torch.Generator().manual_seed(args.seed), **loader_options)
     if len(train_loader) == 0:
         raise ValueError(f'--batch_size {args.batch_size} is larger than the {len(train_images)} training images')
-    test_loader = torch.utils.data.DataLoader(
-        ImageDataset(test_images, test_labels, test_transform), batch_size=args.batch_size, **loader_options)
+    test_loader, query_loader = (torch.utils.data.DataLoader(
+        ImageDataset(images, labels, test_transform), batch_size=args.batch_size, **loader_options)
+        for images, labels in ((test_images, test_labels), (query_images, query_labels)))
     # train embeddings go into the feature database: unaugmented, like the test set
     train_eval_loader = torch.utils.data.DataLoader(
         ImageDataset(train_images, train_labels, test_transform), batch_size=args.batch_size, **loader_options)
@@ -150,11 +166,14 @@ def main(argv=None):
                          f'A lower --lr or --proxy_lr may help.')
             scheduler.step()
         test_embeddings = embed(model, test_loader, device, 'embed test set')
-        recalls = recall(test_embeddings, test_labels, args.recalls)
-        statistics.append({'epoch': epoch, 'loss': loss, 'accuracy': accuracy,
-                           **{f'recall@{k}': r for k, r in zip(args.recalls, recalls)}})
+        if query_images:
+            query_embeddings = embed(model, query_loader, device, 'embed queries')
+            metrics = evaluate(query_embeddings, query_labels, args.recalls, test_embeddings, test_labels, args.metrics)
+        else:
+            metrics = evaluate(test_embeddings, test_labels, args.recalls, metrics=args.metrics)
+        statistics.append({'epoch': epoch, 'loss': loss, 'accuracy': accuracy, **metrics})
         print(f'epoch {epoch}/{args.num_epochs}  loss {loss:.4f}  acc {100 * accuracy:.2f}%  '
-              + '  '.join(f'R@{k} {100 * r:.2f}%' for k, r in zip(args.recalls, recalls))
+              + '  '.join(f'{metric.replace("recall@", "R@")} {100 * value:.2f}%' for metric, value in metrics.items())
               + f'  ({time.time() - start:.0f}s)')
 
         table = pd.DataFrame(statistics)
@@ -166,6 +185,9 @@ def main(argv=None):
         database = {'test_images': test_images, 'test_labels': test_labels, 'test_classes': test_classes,
                     'test_embeddings': test_embeddings.cpu(), 'proxies': loss_fn.proxies.detach().cpu(),
                     'train_classes': train_classes, 'epoch': epoch, 'args': vars(args)}
+        if query_images:
+            database.update(query_images=query_images, query_labels=query_labels,
+                            query_embeddings=query_embeddings.cpu())
         if epoch == args.num_epochs:  # one extra pass, so only for the final model
             database.update(train_images=train_images, train_labels=train_labels,
                             train_embeddings=embed(model, train_eval_loader, device, 'embed train set').cpu())

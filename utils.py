@@ -57,11 +57,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def flatten_split(split, class_names):
-    """{class_name: [paths]} -> (paths, label indices into class_names)."""
+    """{class_name: [paths]} -> (paths, label indices into class_names); absent classes add nothing."""
     paths, labels = [], []
     for index, name in enumerate(class_names):
-        paths += split[name]
-        labels += [index] * len(split[name])
+        paths += split.get(name, [])
+        labels += [index] * len(split.get(name, []))
     return paths, labels
 
 
@@ -82,41 +82,199 @@ def build_transforms(backbone_spec, image_size):
     return train, test
 
 # -----------------------------------------------------------------------------
-# retrieval metric
+# retrieval metrics
+
+METRICS = ('recall', 'map@r', 'r_precision', 'nmi')
+INDEX_BITS = 32  # a gallery index fits in the low half of a 64-bit sort key
 
 
-def recall(embeddings, labels, ks, block_size=1024):
-    """Recall@K for each K in ks: the fraction of queries with a same-class image among their K
-    nearest neighbours (cosine similarity), every image querying all the others.
+def similarity_keys(similarities, first_index):
+    """Exact int64 sort keys: higher similarity first, then lower gallery index.
 
-    Similarities are computed one block of queries at a time, so memory grows as
-    block_size x N, never N x N.
+    The float32 bits map monotonically onto int32 (negative floats have their magnitude bits
+    flipped); the index fills the low bits, so topk over keys is exact and deterministic,
+    with no ties left for it to break arbitrarily.
     """
-    labels = torch.as_tensor(labels, device=embeddings.device)
-    n, max_k = len(labels), max(ks)
-    if max_k >= n:
-        raise ValueError(f'Recall@{max_k} needs more than {max_k} images, got {n}')
-    hits = torch.zeros(len(ks), dtype=torch.long, device=embeddings.device)
-    for start in range(0, n, block_size):
-        queries = embeddings[start:start + block_size]
-        similarities = queries @ embeddings.t()
-        rows = torch.arange(len(queries), device=embeddings.device)
-        similarities[rows, rows + start] = float('-inf')  # a query does not retrieve itself
-        neighbours = similarities.topk(max_k, dim=1).indices
-        matches = labels[neighbours] == labels[start:start + block_size, None]
-        for i, k in enumerate(ks):
-            hits[i] += matches[:, :k].any(dim=1).sum()
-    return [h / n for h in hits.tolist()]
+    bits = similarities.contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    index = torch.arange(first_index, first_index + similarities.shape[1], device=similarities.device)
+    return (ordered << INDEX_BITS) | ((1 << INDEX_BITS) - 1 - index)
+
+
+def key_indices(keys):
+    return (1 << INDEX_BITS) - 1 - (keys & ((1 << INDEX_BITS) - 1))
+
+
+def nearest_neighbours(queries, gallery, k, same_set, block_bytes):
+    """Yield (first query, gallery indices [block, k]) for blocks of queries: the k most similar
+    gallery items, best first, ties to the lower index; with same_set a query skips itself.
+
+    Gallery chunks are merged into a running top-k, so memory is block_bytes, whatever N.
+    """
+    chunk = min(len(gallery), max(k, 1 << 16))
+    block = max(1, block_bytes // (24 * chunk))  # float32 similarities + int64 keys + topk's copy
+    for start in range(0, len(queries), block):
+        query_block = queries[start:start + block]
+        rows = torch.arange(len(query_block), device=queries.device)
+        best = torch.full((len(query_block), 0), 0, dtype=torch.int64, device=queries.device)
+        for first in range(0, len(gallery), chunk):
+            keys = similarity_keys(query_block @ gallery[first:first + chunk].t(), first)
+            if same_set:  # the query's own column, if it falls in this chunk
+                own = rows + start - first
+                inside = (own >= 0) & (own < keys.shape[1])
+                keys[rows[inside], own[inside]] = torch.iinfo(torch.int64).min
+            best = torch.cat([best, keys], dim=1).topk(min(k, best.shape[1] + keys.shape[1]), dim=1).values
+        yield start, key_indices(best)
+
+
+def as_label_tensor(labels, name, n, device):
+    labels = torch.as_tensor(labels, device=device)
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(f'{name} must hold one label per embedding: got shape {tuple(labels.shape)} for {n} embeddings')
+    return labels
+
+
+def check_embeddings(embeddings, name):
+    if embeddings.ndim != 2 or len(embeddings) == 0:
+        raise ValueError(f'{name} must be a non-empty [N, D] tensor, got shape {tuple(embeddings.shape)}')
+    if not torch.isfinite(embeddings).all():
+        bad = (~torch.isfinite(embeddings)).any(dim=1).sum().item()
+        raise ValueError(f'{name}: {bad} of {len(embeddings)} embeddings hold NaN or inf')
+
+
+def retrieval_metrics(queries, query_labels, gallery, gallery_labels, ks, metrics, same_set, block_bytes):
+    # R of each query: how many gallery items share its class (itself not counted)
+    classes, inverse = torch.unique(torch.cat([query_labels, gallery_labels]), return_inverse=True)
+    query_classes, gallery_classes = inverse[:len(query_labels)], inverse[len(query_labels):]
+    relevant = torch.bincount(gallery_classes, minlength=len(classes))[query_classes] - int(same_set)
+    # A query alone in its class has nothing to find: its R-Precision is undefined (0 / 0), so
+    # it is left out of every retrieval metric, as pytorch-metric-learning's AccuracyCalculator does.
+    answerable = relevant > 0
+    if not answerable.any():
+        raise ValueError('no query has another image of its class in the gallery')
+    k = max(max(ks), relevant.max().item())
+    sums = torch.zeros(len(ks) + 2, dtype=torch.float64, device=queries.device)
+    for start, indices in nearest_neighbours(queries, gallery, k, same_set, block_bytes):
+        block = slice(start, start + len(indices))
+        ok, r = answerable[block], relevant[block, None]
+        matches = (gallery_classes[indices] == query_classes[block, None])[ok]
+        r = r[ok].double()
+        for i, kk in enumerate(ks):
+            sums[i] += matches[:, :kk].any(dim=1).sum()
+        within_r = matches & (torch.arange(k, device=matches.device) < r)
+        sums[-2] += (within_r.sum(dim=1) / r[:, 0]).sum()
+        precision_at_i = matches.cumsum(dim=1).double() / torch.arange(1, k + 1, device=matches.device)
+        sums[-1] += ((precision_at_i * within_r).sum(dim=1) / r[:, 0]).sum()
+    means = (sums / answerable.sum()).tolist()
+    results = {f'recall@{kk}': means[i] for i, kk in enumerate(ks)} if 'recall' in metrics else {}
+    if 'r_precision' in metrics:
+        results['r_precision'] = means[-2]
+    if 'map@r' in metrics:
+        results['map@r'] = means[-1]
+    return results
+
+
+def kmeans_plus_plus(x, k, generator):
+    """k-means++ seeding: each new centre drawn with probability proportional to squared distance."""
+    squared_norms = (x ** 2).sum(dim=1)
+
+    def squared_distances(index):  # a matrix-vector product: cheap even for many centres
+        return squared_norms + squared_norms[index] - 2 * x @ x[index]
+    centres = [torch.randint(len(x), (1,), generator=generator).item()]
+    distances = squared_distances(centres[0])
+    for _ in range(k - 1):
+        weights = distances.clamp(min=0).double().cpu()
+        centres.append(torch.multinomial(weights, 1, generator=generator).item() if weights.sum() > 0
+                       else torch.randint(len(x), (1,), generator=generator).item())  # all points taken
+        distances = torch.minimum(distances, squared_distances(centres[-1]))
+    return x[centres].clone()
+
+
+def kmeans(x, k, seed=0, iterations=20, block_bytes=1 << 28):
+    """Lloyd's k-means from k-means++ seeds (fixed seed); returns the cluster of each row."""
+    centres = kmeans_plus_plus(x, k, torch.Generator().manual_seed(seed))
+    block = max(1, block_bytes // (8 * k))
+    for _ in range(iterations):
+        # nearest centre by squared distance, up to the per-row constant |x|^2
+        assignment = torch.cat([(2 * x[i:i + block] @ centres.t() - (centres ** 2).sum(dim=1)).argmax(dim=1)
+                                for i in range(0, len(x), block)])
+        counts = torch.bincount(assignment, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assignment, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
+    return assignment
+
+
+def entropy(counts):
+    p = counts.double() / counts.sum()
+    return -(p * p.log()).sum()
+
+
+def nmi(labels, clusters):
+    """Normalised mutual information, arithmetic normalisation (scikit-learn's default)."""
+    _, labels = torch.unique(labels, return_inverse=True)
+    _, clusters = torch.unique(clusters, return_inverse=True)
+    # the contingency table is sparse when classes are many (SOP): count the pairs that occur
+    pairs, joint = torch.unique(labels * (clusters.max() + 1) + clusters, return_counts=True)
+    n = len(labels)
+    label_counts, cluster_counts = torch.bincount(labels), torch.bincount(clusters)
+    a, b = pairs // (clusters.max() + 1), pairs % (clusters.max() + 1)
+    mutual = (joint.double() / n * (joint.double() * n / (label_counts[a] * cluster_counts[b]).double()).log()).sum()
+    h = entropy(label_counts) + entropy(cluster_counts)
+    return 1.0 if h == 0 else (2 * mutual / h).item()
+
+
+def evaluate(embeddings, labels, ks=(1, 2, 4, 8), gallery=None, gallery_labels=None, metrics=METRICS,
+             block_bytes=1 << 28):
+    """Retrieval metrics of L2-normalised embeddings (cosine similarity), as fractions in [0, 1].
+
+    Every embedding queries the others, or, given a gallery, the gallery (query->gallery
+    protocols such as In-shop). Keys, for the metrics asked for: recall@K for each K (a
+    same-class item among the K nearest), r_precision and map@r (Musgrave et al., ECCV 2020),
+    and nmi (k-means with one cluster per class, seed 0, against the labels; on the queries).
+    Neighbours are exact: highest similarity first, ties to the lower gallery index. Memory
+    is bounded by block_bytes (plus the embeddings), never N x N.
+    """
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f'unknown metrics {sorted(unknown)}; choose from {METRICS}')
+    check_embeddings(embeddings, 'embeddings')
+    labels = as_label_tensor(labels, 'labels', len(embeddings), embeddings.device)
+    same_set = gallery is None
+    if same_set:
+        gallery, gallery_labels = embeddings, labels
+    else:
+        check_embeddings(gallery, 'gallery')
+        gallery_labels = as_label_tensor(gallery_labels, 'gallery_labels', len(gallery), gallery.device)
+        if gallery.shape[1] != embeddings.shape[1]:
+            raise ValueError(f'query and gallery embeddings differ in size: {embeddings.shape[1]} vs {gallery.shape[1]}')
+    candidates = len(gallery) - int(same_set)
+    if not ks or min(ks) < 1 or max(ks) > candidates:
+        raise ValueError(f'Recall@K needs 1 <= K <= {candidates} (the gallery size{" minus the query" * same_set}), '
+                         f'got K = {list(ks)}')
+    results = {}
+    if {'recall', 'map@r', 'r_precision'} & set(metrics):
+        results.update(retrieval_metrics(embeddings, labels, gallery, gallery_labels, ks, metrics, same_set,
+                                         block_bytes))
+    if 'nmi' in metrics:
+        num_classes = len(torch.unique(labels))
+        results['nmi'] = nmi(labels, kmeans(embeddings.float(), num_classes, block_bytes=block_bytes))
+    return results
+
+
+def recall(embeddings, labels, ks):
+    """Recall@K for each K in ks, as a list of fractions."""
+    results = evaluate(embeddings, labels, ks, metrics=('recall',))
+    return [results[f'recall@{k}'] for k in ks]
 
 # -----------------------------------------------------------------------------
 # plots
 
 
 def plot_statistics(statistics, path):
-    """Loss/accuracy and every recall@K of a run's statistics table, per epoch."""
-    recalls = [c for c in statistics.columns if c.startswith('recall@')]
+    """Loss/accuracy and every retrieval metric of a run's statistics table, per epoch."""
+    metrics = [c for c in statistics.columns if c not in ('epoch', 'loss', 'accuracy')]
     with plt.style.context(['science', 'no-latex']):
-        fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(7, 2.8))
+        fig, (ax_loss, ax_metrics) = plt.subplots(1, 2, figsize=(7, 2.8))
         ax_loss.plot(statistics['epoch'], statistics['loss'], marker='.', label='loss')
         ax_loss.set(xlabel='epoch', ylabel='training loss')
         ax_acc = ax_loss.twinx()
@@ -124,10 +282,10 @@ def plot_statistics(statistics, path):
         ax_acc.set_ylabel('proxy accuracy (%)')
         handles = ax_loss.get_lines() + ax_acc.get_lines()
         ax_loss.legend(handles, [h.get_label() for h in handles], loc='center right', frameon=False)
-        for column in recalls:
-            ax_recall.plot(statistics['epoch'], 100 * statistics[column], marker='.', label=column.replace('recall', 'R'))
-        ax_recall.set(xlabel='epoch', ylabel='test recall (%)')
-        ax_recall.legend(frameon=False)
+        for column in metrics:
+            ax_metrics.plot(statistics['epoch'], 100 * statistics[column], marker='.', label=column.replace('recall', 'R'))
+        ax_metrics.set(xlabel='epoch', ylabel='test metric (%)')
+        ax_metrics.legend(frameon=False, fontsize=6, ncol=2)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=200)

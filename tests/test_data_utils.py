@@ -1,4 +1,5 @@
-"""data_utils against tiny fixtures laid out like the official CUB-200-2011 and Cars196 releases."""
+"""data_utils against tiny fixtures laid out like the official CUB-200-2011, Cars196, Stanford Online
+Products and In-shop Clothes releases."""
 import os
 import shutil
 
@@ -8,7 +9,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from data_utils import load_splits, main, prepare_cars, prepare_cub, split_path
+from data_utils import load_splits, main, prepare_cars, prepare_cub, prepare_inshop, prepare_sop, split_path
 from utils import read_rgb
 
 # -----------------------------------------------------------------------------
@@ -147,6 +148,60 @@ def make_cars_devkit(data_path, train=None, test=None, test_annos_dir='devkit', 
         os.makedirs(os.path.join(root, 'devkit'), exist_ok=True)
         scipy.io.savemat(os.path.join(root, 'devkit', 'cars_meta.mat'), {'class_names': class_names_cell()})
     return root
+
+
+# -----------------------------------------------------------------------------
+# Stanford Online Products fixtures: (class_id, super_class_id, product) per list file, each
+# product two images <product>_<k>.JPG; test class ids continue after the train ones, as released
+
+SOP_CLASSES = {'train': [(1, 1, 'bicycle_final/111085122871'), (2, 3, 'chair_final/111265328556')],
+               'test': [(11319, 1, 'bicycle_final/121128711434'), (22634, 12, 'toaster_final/380894339738')]}
+
+
+def make_sop(data_path, nested=False, broken=()):
+    """Write the release, the images named in `broken` truncated; return the folder of the lists."""
+    base = os.path.join(data_path, 'sop', 'Stanford_Online_Products' if nested else '')
+    for split, classes in SOP_CLASSES.items():
+        lines = ['image_id class_id super_class_id path\n']
+        for class_id, super_class_id, product in classes:
+            for k in range(2):
+                image_path = f'{product}_{k}.JPG'
+                (write_truncated_jpeg if image_path in broken else write_image)(os.path.join(base, image_path))
+                lines.append(f'{len(lines)} {class_id} {super_class_id} {image_path}\n')
+        with open(os.path.join(base, f'Ebay_{split}.txt'), 'w') as f:
+            f.writelines(lines)
+    return base
+
+# -----------------------------------------------------------------------------
+# In-shop Clothes fixtures: (image under img/, item id, evaluation status); the test items' images
+# are split between query and gallery, the train items are others
+
+
+INSHOP_ROWS = [
+    ('WOMEN/Dresses/id_00000002/02_1_front.jpg', 'id_00000002', 'train'),
+    ('WOMEN/Dresses/id_00000002/02_2_side.jpg', 'id_00000002', 'train'),
+    ('MEN/Denim/id_00000080/01_1_front.jpg', 'id_00000080', 'train'),
+    ('WOMEN/Dresses/id_00000001/02_1_front.jpg', 'id_00000001', 'query'),
+    ('WOMEN/Dresses/id_00000001/02_2_side.jpg', 'id_00000001', 'gallery'),
+    ('WOMEN/Dresses/id_00000001/02_3_back.jpg', 'id_00000001', 'gallery'),
+    ('MEN/Shirts_Polos/id_00000007/01_1_front.jpg', 'id_00000007', 'query'),
+    ('MEN/Shirts_Polos/id_00000007/01_4_full.jpg', 'id_00000007', 'query'),
+    ('MEN/Shirts_Polos/id_00000007/01_2_side.jpg', 'id_00000007', 'gallery'),
+]
+
+
+def make_inshop(data_path, in_eval=False, broken=()):
+    """Write img/ and the partition list (in Eval/ if asked); return the folder of the list."""
+    root = os.path.join(data_path, 'inshop')
+    lines = [f'{len(INSHOP_ROWS)}\n', 'image_name item_id evaluation_status\n']
+    for name, item_id, status in INSHOP_ROWS:
+        (write_truncated_jpeg if name in broken else write_image)(os.path.join(root, 'img', name))
+        lines.append(f'img/{name:<50}{item_id}  {status}\n')  # aligned columns: runs of spaces must parse too
+    folder = os.path.join(root, 'Eval' if in_eval else '')
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'list_eval_partition.txt'), 'w') as f:
+        f.writelines(lines)
+    return folder
 
 
 def saved_splits(data_path, data_name, crop=False):
@@ -306,13 +361,81 @@ def test_cars_devkit_layout_with_one_half(tmp_path, present, absent_labels):
     assert all(path.startswith(f'cars_{present}/') for paths in splits['test'].values() for path in paths)
 
 # -----------------------------------------------------------------------------
+# Stanford Online Products
+
+
+@pytest.mark.parametrize('nested', [False, True], ids=['flat', 'Stanford_Online_Products'])
+def test_sop_splits_by_list_file_with_product_names(tmp_path, nested):
+    broken = 'toaster_final/380894339738_1.JPG'
+    make_sop(tmp_path, nested=nested, broken=[broken])
+    with pytest.warns(UserWarning) as warned:
+        prepare_sop(str(tmp_path))
+    assert [broken in str(w.message) or 'skipped 1 of 8 images' in str(w.message) for w in warned] == [True] * 2
+
+    prefix = 'Stanford_Online_Products/' if nested else ''
+    splits = saved_splits(str(tmp_path), 'sop')
+    assert list(splits) == ['train', 'test']
+    for split, classes in SOP_CLASSES.items():  # the header line is no image; the broken one is dropped
+        assert splits[split] == {product: [f'{prefix}{product}_{k}.JPG' for k in range(2)
+                                           if f'{product}_{k}.JPG' != broken] for _, _, product in classes}
+    assert all(os.path.isfile(tmp_path / 'sop' / path)
+               for classes in splits.values() for paths in classes.values() for path in paths)
+
+
+def test_sop_refuses_to_merge_two_classes_under_one_name(tmp_path):
+    base = make_sop(tmp_path)
+    with open(os.path.join(base, 'Ebay_train.txt'), 'a') as f:
+        f.write('5 3 1 bicycle_final/111085122871_0.JPG\n')
+    with pytest.raises(ValueError, match="classes 1 and 3 would both be named 'bicycle_final/111085122871'"):
+        prepare_sop(str(tmp_path))
+
+
+def test_sop_refuses_to_crop(tmp_path):
+    make_sop(tmp_path)
+    with pytest.raises(ValueError, match='--crop is not supported for sop: the release has no bounding boxes'):
+        prepare_sop(str(tmp_path), crop=True)
+    with pytest.raises(SystemExit, match='error: --crop is not supported for sop'):
+        main(['--data_path', str(tmp_path), '--data_name', 'sop', '--crop'])
+    assert not os.path.exists(split_path(str(tmp_path), 'sop', crop=True))
+
+# -----------------------------------------------------------------------------
+# In-shop Clothes
+
+
+@pytest.mark.parametrize('in_eval', [False, True], ids=['inshop', 'inshop/Eval'])
+def test_inshop_splits_train_query_gallery(tmp_path, in_eval):
+    broken = 'MEN/Shirts_Polos/id_00000007/01_4_full.jpg'
+    make_inshop(tmp_path, in_eval=in_eval, broken=[broken])
+    with pytest.warns(UserWarning) as warned:
+        main(['--data_path', str(tmp_path), '--data_name', 'inshop'])
+    assert [broken in str(w.message) or 'skipped 1 of 9 images' in str(w.message) for w in warned] == [True] * 2
+
+    splits = load_splits(str(tmp_path), 'inshop')
+    assert list(splits) == ['train', 'query', 'gallery']
+    root = os.path.join(tmp_path, 'inshop', 'img')
+    for split in splits:
+        expected = {}
+        for name, item_id, status in INSHOP_ROWS:
+            if status == split and name != broken:
+                expected.setdefault(item_id, []).append(os.path.join(root, name))
+        assert splits[split] == expected
+    assert set(splits['query']) == set(splits['gallery']) == {'id_00000001', 'id_00000007'}
+    assert not set(splits['train']) & set(splits['query'])
+    with pytest.raises(ValueError, match='--crop is not supported for inshop'):
+        prepare_inshop(str(tmp_path), crop=True)
+
+# -----------------------------------------------------------------------------
 # command line and errors
 
 
-def cub_without(name):
+def cub(data_path):
+    return make_cub(data_path, cub_entries())
+
+
+def without(name, make=cub):
+    """A builder of the release that `make` writes, less its file or folder `name`."""
     def build(data_path):
-        base = make_cub(data_path, cub_entries())
-        path = os.path.join(base, name)
+        path = os.path.join(make(data_path), name)
         if os.path.isdir(path):
             shutil.rmtree(path)
         else:
@@ -333,12 +456,19 @@ def cars_annos_without_images(data_path):
 
 @pytest.mark.parametrize('data_name,flags,build', [
     ('cub', [], nothing('cub')),
-    ('cub', [], cub_without('image_class_labels.txt')),
-    ('cub', [], cub_without('images')),
-    ('cub', ['--crop'], cub_without('bounding_boxes.txt')),
+    ('cub', [], without('image_class_labels.txt')),
+    ('cub', [], without('images')),
+    ('cub', ['--crop'], without('bounding_boxes.txt')),
     ('car', [], nothing('car')),
     ('car', [], cars_annos_without_images),
-], ids=['cub-empty', 'cub-labels', 'cub-images', 'cub-boxes', 'car-empty', 'car-images'])
+    ('sop', [], nothing('sop')),
+    ('sop', [], without('Ebay_test.txt', make_sop)),
+    ('sop', [], without('chair_final', make_sop)),
+    ('inshop', [], nothing('inshop')),
+    ('inshop', [], without('list_eval_partition.txt', make_inshop)),
+    ('inshop', [], without('img', make_inshop)),
+], ids=['cub-empty', 'cub-labels', 'cub-images', 'cub-boxes', 'car-empty', 'car-images',
+        'sop-empty', 'sop-test-list', 'sop-category', 'inshop-empty', 'inshop-partition', 'inshop-images'])
 def test_missing_metadata_exits_naming_the_path(tmp_path, data_name, flags, build):
     missing = build(str(tmp_path))
     with pytest.raises(SystemExit) as exited:
@@ -349,9 +479,9 @@ def test_missing_metadata_exits_naming_the_path(tmp_path, data_name, flags, buil
     assert not os.path.exists(split_path(str(tmp_path), data_name, crop=bool(flags)))
 
 
-def corrupt_line(name, line_number, text):
+def corrupt_line(name, line_number, text, make=cub):
     def build(data_path):
-        path = os.path.join(make_cub(data_path, cub_entries()), name)
+        path = os.path.join(make(data_path), name)
         with open(path) as f:
             lines = f.readlines()
         lines[line_number - 1] = text + '\n'
@@ -374,7 +504,12 @@ def cars_annos_without_field(data_path):
     ('cub', [], corrupt_line('image_class_labels.txt', 2, '2 two')),
     ('cub', ['--crop'], corrupt_line('bounding_boxes.txt', 4, '4 1.0 2.0 3.0 4.0 5.0')),
     ('car', [], cars_annos_without_field),
-], ids=['cub-images', 'cub-labels', 'cub-boxes', 'car-fields'])
+    ('sop', [], corrupt_line('Ebay_train.txt', 1, '1 1 1 bicycle_final/111085122871_0.JPG', make_sop)),
+    ('sop', [], corrupt_line('Ebay_test.txt', 3, '2 11319 1', make_sop)),
+    ('inshop', [], corrupt_line('list_eval_partition.txt', 2, 'image_name item_id', make_inshop)),
+    ('inshop', [], corrupt_line('list_eval_partition.txt', 6, 'img/a.jpg id_00000001 validation', make_inshop)),
+], ids=['cub-images', 'cub-labels', 'cub-boxes', 'car-fields', 'sop-header', 'sop-row', 'inshop-header',
+        'inshop-status'])
 def test_malformed_metadata_exits_naming_file_and_line(tmp_path, data_name, flags, build):
     expected = build(str(tmp_path))
     with pytest.raises(SystemExit) as exited:
@@ -389,6 +524,25 @@ def test_all_prepares_every_dataset(tmp_path):
     assert os.path.isfile(split_path(str(tmp_path), 'cub'))
     assert os.path.isfile(split_path(str(tmp_path), 'car'))
     assert os.path.isfile(split_path(str(tmp_path), 'synthetic'))
+
+
+def test_all_passes_over_absent_datasets_and_under_crop_those_without_boxes(tmp_path, capsys):
+    make_cub(tmp_path, cub_entries())
+    make_sop(tmp_path)
+    make_inshop(tmp_path)
+    small_synthetic = ['--num_classes', '4', '--images_per_class', '2']
+    main(['--data_path', str(tmp_path), '--data_name', 'all', '--crop', *small_synthetic])
+
+    out = capsys.readouterr().out
+    assert f"car: skipped, no {tmp_path / 'car'} folder" in out
+    assert 'sop: skipped, the release has no bounding boxes' in out
+    assert 'inshop: skipped, its boxes (Anno/list_bbox_inshop.txt) are not read' in out
+    assert [os.path.exists(split_path(str(tmp_path), name, crop=True))
+            for name in ('car', 'cub', 'inshop', 'sop', 'synthetic')] == [False, True, False, False, True]
+
+    main(['--data_path', str(tmp_path), '--data_name', 'all', *small_synthetic])
+    assert [os.path.exists(split_path(str(tmp_path), name))
+            for name in ('car', 'cub', 'inshop', 'sop', 'synthetic')] == [False, True, True, True, True]
 
 
 def test_load_splits_missing_file_tells_the_command_to_run(tmp_path):

@@ -9,7 +9,7 @@ import torch
 import data_utils
 import train
 from model import Model
-from utils import ImageDataset, build_transforms
+from utils import ImageDataset, build_transforms, evaluate
 
 
 @pytest.mark.slow
@@ -26,7 +26,7 @@ def test_training_lifts_heldout_recall_clearly_above_epoch_0(trained_run):
 def test_run_writes_csv_figure_args_model_and_database(trained_run):
     prefix, args = trained_run['prefix'], trained_run['args']
     assert list(pd.read_csv(f'{prefix}_statistics.csv').columns) == \
-        ['epoch', 'loss', 'accuracy', 'recall@1', 'recall@2', 'recall@4', 'recall@8']
+        ['epoch', 'loss', 'accuracy', 'recall@1', 'recall@2', 'recall@4', 'recall@8', 'r_precision', 'map@r', 'nmi']
     with open(f'{prefix}_results.png', 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     with open(f'{prefix}_args.json') as f:
@@ -99,3 +99,23 @@ def test_bad_flags_exit_naming_the_flag(flags, message, capsys):
 def test_missing_splits_tell_the_user_to_run_data_utils(tmp_path):
     with pytest.raises(FileNotFoundError, match='python data_utils.py'):
         train.main(['--data_path', str(tmp_path), '--data_name', 'cub', '--pretrained', 'none'])
+
+
+def test_inshop_is_evaluated_query_to_gallery(tmp_path):
+    from test_data_utils import make_inshop
+    make_inshop(str(tmp_path))
+    data_utils.main(['--data_path', str(tmp_path), '--data_name', 'inshop'])
+    splits = data_utils.load_splits(str(tmp_path), 'inshop')
+    out = tmp_path / 'results'
+    train.main(['--data_path', str(tmp_path), '--data_name', 'inshop', '--backbone_type', 'resnet18',
+                '--pretrained', 'none', '--image_size', '32', '--batch_size', '2', '--num_epochs', '1',
+                '--recalls', '1', '--num_workers', '0', '--output_dir', str(out)])
+    database = torch.load(out / 'inshop_resnet18_positive_proxy_512_1_data_base.pth', weights_only=True)
+    assert sorted(database['query_images']) == sorted(sum(splits['query'].values(), []))
+    assert sorted(database['test_images']) == sorted(sum(splits['gallery'].values(), []))
+    # the logged metrics are those of the saved query and gallery embeddings, query -> gallery
+    logged = pd.read_csv(out / 'inshop_resnet18_positive_proxy_512_1_statistics.csv').iloc[-1]
+    expected = evaluate(database['query_embeddings'], database['query_labels'], (1,),
+                        database['test_embeddings'], database['test_labels'], ('recall', 'map@r'))
+    assert logged['recall@1'] == pytest.approx(expected['recall@1'])
+    assert logged['map@r'] == pytest.approx(expected['map@r'])
