@@ -88,43 +88,65 @@ METRICS = ('recall', 'map@r', 'r_precision', 'nmi')
 INDEX_BITS = 32  # a gallery index fits in the low half of a 64-bit sort key
 
 
-def similarity_keys(similarities, first_index):
+def similarity_keys(similarities, indices):
     """Exact int64 sort keys: higher similarity first, then lower gallery index.
 
     The float32 bits map monotonically onto int32 (negative floats have their magnitude bits
-    flipped); the index fills the low bits, so topk over keys is exact and deterministic,
-    with no ties left for it to break arbitrarily.
+    flipped) and the index fills the low bits, so keys never tie: topk over them is exact
+    and deterministic.
     """
     bits = similarities.contiguous().view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    index = torch.arange(first_index, first_index + similarities.shape[1], device=similarities.device)
-    return (ordered << INDEX_BITS) | ((1 << INDEX_BITS) - 1 - index)
+    return (ordered << INDEX_BITS) | ((1 << INDEX_BITS) - 1 - indices)
 
 
 def key_indices(keys):
     return (1 << INDEX_BITS) - 1 - (keys & ((1 << INDEX_BITS) - 1))
 
 
-def nearest_neighbours(queries, gallery, k, same_set, block_bytes):
-    """Yield (first query, gallery indices [block, k]) for blocks of queries: the k most similar
-    gallery items, best first, ties to the lower index; with same_set a query skips itself.
+def tile_top_keys(similarities, k, first, dim=1):
+    """Keys of the k best gallery items for each query of a similarity tile whose gallery axis
+    is `dim` (0 serves the transposed tile without copying it); the gallery starts at `first`."""
+    n = similarities.shape[dim]
+    values, columns = similarities.topk(min(k + 1, n), dim=dim)
+    if dim == 0:
+        values, columns = values.t(), columns.t()
+    keys = similarity_keys(values[:, :k], columns[:, :k] + first)
+    if n > k:
+        # topk picks arbitrarily among equal values: where the (k+1)-th equals the k-th, a tie
+        # crosses the boundary, and the row is redone with keys over the whole tile (exact, slower)
+        tied = values[:, k - 1] == values[:, k]
+        if tied.any():
+            rows = similarities[tied] if dim == 1 else similarities[:, tied].t()
+            all_columns = torch.arange(first, first + n, device=similarities.device)
+            keys[tied] = similarity_keys(rows, all_columns).topk(k, dim=1).values
+    return keys
 
-    Gallery chunks are merged into a running top-k, so memory is block_bytes, whatever N.
+
+def nearest_neighbours(queries, gallery, k, same_set, block_bytes):
+    """Gallery indices [queries, k] of the k most similar items, best first, ties to the lower
+    index; with same_set the gallery is the queries, and a query skips itself.
+
+    Similarities come in square tiles with a running top-k per query, so the memory beyond the
+    embeddings and the result is about block_bytes, whatever N.
     """
-    chunk = min(len(gallery), max(k, 1 << 16))
-    block = max(1, block_bytes // (24 * chunk))  # float32 similarities + int64 keys + topk's copy
-    for start in range(0, len(queries), block):
-        query_block = queries[start:start + block]
-        rows = torch.arange(len(query_block), device=queries.device)
-        best = torch.full((len(query_block), 0), 0, dtype=torch.int64, device=queries.device)
-        for first in range(0, len(gallery), chunk):
-            keys = similarity_keys(query_block @ gallery[first:first + chunk].t(), first)
-            if same_set:  # the query's own column, if it falls in this chunk
-                own = rows + start - first
-                inside = (own >= 0) & (own < keys.shape[1])
-                keys[rows[inside], own[inside]] = torch.iinfo(torch.int64).min
-            best = torch.cat([best, keys], dim=1).topk(min(k, best.shape[1] + keys.shape[1]), dim=1).values
-        yield start, key_indices(best)
+    tile = max(k + 1, int((block_bytes / 32) ** 0.5))  # a float32 tile and topk's working memory
+    best = torch.full((len(queries), k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=queries.device)
+
+    def merge(first, keys):
+        rows = slice(first, first + len(keys))
+        best[rows] = torch.cat([best[rows], keys], dim=1).topk(k, dim=1).values
+
+    for q in range(0, len(queries), tile):
+        # a query set against itself is symmetric: tile (q, g) also serves as (g, q), a third less work
+        for g in range(q if same_set else 0, len(gallery), tile):
+            similarities = queries[q:q + tile] @ gallery[g:g + tile].t()
+            if same_set and g == q:
+                similarities.fill_diagonal_(float('-inf'))
+            merge(q, tile_top_keys(similarities, k, g))
+            if same_set and g != q:
+                merge(g, tile_top_keys(similarities, k, q, dim=0))
+    return key_indices(best)
 
 
 def as_label_tensor(labels, name, n, device):
@@ -153,18 +175,20 @@ def retrieval_metrics(queries, query_labels, gallery, gallery_labels, ks, metric
     if not answerable.any():
         raise ValueError('no query has another image of its class in the gallery')
     k = max(max(ks), relevant.max().item())
+    neighbours = nearest_neighbours(queries, gallery, k, same_set, block_bytes)
     sums = torch.zeros(len(ks) + 2, dtype=torch.float64, device=queries.device)
-    for start, indices in nearest_neighbours(queries, gallery, k, same_set, block_bytes):
-        block = slice(start, start + len(indices))
-        ok, r = answerable[block], relevant[block, None]
-        matches = (gallery_classes[indices] == query_classes[block, None])[ok]
-        r = r[ok].double()
+    block = max(1, block_bytes // (16 * k))
+    for start in range(0, len(queries), block):
+        rows = slice(start, start + block)
+        ok = answerable[rows]
+        matches = (gallery_classes[neighbours[rows]] == query_classes[rows, None])[ok]
+        r = relevant[rows][ok].double()
         for i, kk in enumerate(ks):
             sums[i] += matches[:, :kk].any(dim=1).sum()
-        within_r = matches & (torch.arange(k, device=matches.device) < r)
-        sums[-2] += (within_r.sum(dim=1) / r[:, 0]).sum()
+        within_r = matches & (torch.arange(k, device=matches.device) < r[:, None])
+        sums[-2] += (within_r.sum(dim=1) / r).sum()
         precision_at_i = matches.cumsum(dim=1).double() / torch.arange(1, k + 1, device=matches.device)
-        sums[-1] += ((precision_at_i * within_r).sum(dim=1) / r[:, 0]).sum()
+        sums[-1] += ((precision_at_i * within_r).sum(dim=1) / r).sum()
     means = (sums / answerable.sum()).tolist()
     results = {f'recall@{kk}': means[i] for i, kk in enumerate(ks)} if 'recall' in metrics else {}
     if 'r_precision' in metrics:

@@ -63,13 +63,16 @@ def test_query_gallery_protocol_matches_brute_force():
     assert results == pytest.approx(expected, abs=1e-12)
 
 
-def test_ties_are_broken_by_gallery_index():
-    # five identical embeddings: every neighbour ties, so only the index decides
-    embeddings = F.normalize(torch.ones(5, 4), dim=1)
-    labels = torch.tensor([0, 1, 1, 2, 0])
-    expected = brute_force(embeddings, labels, embeddings, labels, (1, 2), same_set=True)
-    assert evaluate(embeddings, labels, (1, 2), metrics=('recall', 'map@r')) == \
-        pytest.approx({k: expected[k] for k in ('recall@1', 'recall@2', 'map@r')}, abs=1e-12)
+@pytest.mark.parametrize('block_bytes', [1 << 9, 1 << 28], ids=['many chunks', 'one chunk'])
+def test_ties_are_broken_by_gallery_index(block_bytes):
+    # 4 distinct points, each repeated 10 times with mixed labels: nearly every neighbour
+    # ties, so only the index decides, also across gallery chunks and query blocks. Small
+    # integer coordinates keep the dot products exact whatever the matmul's blocking.
+    embeddings = torch.randint(4, (4, 8), generator=torch.Generator().manual_seed(0)).float().repeat(10, 1)
+    labels = torch.randint(3, (40,), generator=torch.Generator().manual_seed(1))
+    expected = brute_force(embeddings, labels, embeddings, labels, KS, same_set=True)
+    assert evaluate(embeddings, labels, KS, metrics=('recall', 'map@r', 'r_precision'), block_bytes=block_bytes) == \
+        pytest.approx(expected, abs=1e-12)
 
 
 def test_single_sample_classes_are_left_out_of_retrieval_metrics():
