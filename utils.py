@@ -262,12 +262,14 @@ def evaluate(embeddings, labels, ks=(1, 2, 4, 8), gallery=None, gallery_labels=N
     if unknown:
         raise ValueError(f'unknown metrics {sorted(unknown)}; choose from {METRICS}')
     check_embeddings(embeddings, 'embeddings')
+    embeddings = embeddings.float()  # similarities in float32, whatever precision the model ran in
     labels = as_label_tensor(labels, 'labels', len(embeddings), embeddings.device)
     same_set = gallery is None
     if same_set:
         gallery, gallery_labels = embeddings, labels
     else:
         check_embeddings(gallery, 'gallery')
+        gallery = gallery.float()
         gallery_labels = as_label_tensor(gallery_labels, 'gallery_labels', len(gallery), gallery.device)
         if gallery.shape[1] != embeddings.shape[1]:
             raise ValueError(f'query and gallery embeddings differ in size: {embeddings.shape[1]} vs {gallery.shape[1]}')
@@ -281,7 +283,7 @@ def evaluate(embeddings, labels, ks=(1, 2, 4, 8), gallery=None, gallery_labels=N
                                          block_bytes))
     if 'nmi' in metrics:
         num_classes = len(torch.unique(labels))
-        results['nmi'] = nmi(labels, kmeans(embeddings.float(), num_classes, block_bytes=block_bytes))
+        results['nmi'] = nmi(labels, kmeans(embeddings, num_classes, block_bytes=block_bytes))
     return results
 
 
