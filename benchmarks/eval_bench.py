@@ -13,8 +13,7 @@ and reports ru_maxrss minus that RSS.
     python benchmarks/eval_bench.py --sizes 2000,5000          # a quick check, under a minute
     python benchmarks/eval_bench.py --out results/eval_bench.md # N = 10k, 60k, 120k
 
-The default sizes take about 10 minutes on 2 idle cores (utils.evaluate alone ~6 min at 120k),
-twice that on a busy machine. The naive method is skipped from 60k on (13 GiB > --naive_max_gb);
+The default sizes take about 6 minutes on 2 idle cores (utils.evaluate ~70 s at 120k). The naive method is skipped from 60k on (13 GiB > --naive_max_gb);
 PML needs about 10 bytes per (class, image) pair, ~28 GiB at 120k, and is skipped when that
 is more than 90% of the memory available.
 """
