@@ -1,13 +1,25 @@
 """What train.py and test.py share: atomic writes, run file names, images and transforms,
-the retrieval metric, and the training plot."""
+the retrieval metrics; and the figures and tables of runs, also a command line:
+
+    python utils.py plot results/*_statistics.csv [--out PREFIX]
+    python utils.py table results/*_statistics.csv [--out FILE]
+    python utils.py map results/{run}_data_base.pth [--out FILE]
+"""
+import argparse
 import contextlib
+import math
 import os
+import sys
 
 import matplotlib
 matplotlib.use('Agg')  # figures go to files; no display needed
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import scienceplots  # noqa: F401  (registers the 'science' matplotlib styles)
 import torch
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 import torchvision.transforms as T
 from PIL import Image
 
@@ -28,6 +40,15 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def resolve_device(name):
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; asking for 'cuda' without one is an error."""
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda: no CUDA device is available')
+    return name
 
 
 def run_name(args):
@@ -293,26 +314,220 @@ def recall(embeddings, labels, ks):
     return [results[f'recall@{k}'] for k in ks]
 
 # -----------------------------------------------------------------------------
-# plots
+# plots and tables of runs (also from the command line: python utils.py plot|table|map)
+
+RUN_COLUMNS = ('epoch', 'loss', 'accuracy')  # every other column of a statistics CSV is a test metric
+RUN_FILE_SUFFIXES = ('_statistics.csv', '_results.png', '_data_base.pth')
+METRIC_LABELS = {'r_precision': 'R-Precision', 'map@r': 'MAP@R', 'nmi': 'NMI'}
+GOLDEN_RATIO_FRACTION = 0.618034
+
+
+def run_prefix(path):
+    """A run file's path without its suffix: results/{run}_statistics.csv -> results/{run}."""
+    for suffix in RUN_FILE_SUFFIXES:
+        if path.endswith(suffix):
+            return path.removesuffix(suffix)
+    return os.path.splitext(path)[0]
+
+
+def run_label(path):
+    return os.path.basename(run_prefix(path))
+
+
+def metric_label(column):
+    return METRIC_LABELS.get(column, column.replace('recall', 'R'))
+
+
+def metric_columns(tables):
+    """The test-metric columns of statistics tables, in order of first appearance."""
+    return list(dict.fromkeys(c for table in tables for c in table.columns if c not in RUN_COLUMNS))
+
+
+def statistics_problems(table):
+    """Why a table is not a statistics table of train.py; empty when it is one."""
+    if table.empty:
+        return ['no rows']
+    problems = [f'no {column!r} column' for column in RUN_COLUMNS if column not in table.columns]
+    if not metric_columns([table]):
+        problems.append('no metric column')
+    return problems + [f'non-numeric column {column!r}' for column in table.columns
+                       if not pd.api.types.is_numeric_dtype(table[column])]
+
+
+def read_statistics(paths):
+    """{run label: table} of train.py's statistics CSVs, each run labelled by its file name."""
+    if not paths:
+        raise ValueError('no statistics CSV given')
+    runs = {}
+    for path in paths:
+        try:
+            table = pd.read_csv(path)
+        except ValueError as e:  # pandas' parser and empty-file errors, undecodable bytes
+            raise ValueError(f'{path}: not a readable CSV ({e})') from e
+        problems = statistics_problems(table)
+        if problems:
+            raise ValueError(f'{path}: not a statistics CSV of train.py: {", ".join(problems)}')
+        if run_label(path) in runs:
+            raise ValueError(f'{path}: a second run named {run_label(path)}')
+        runs[run_label(path)] = table
+    return runs
+
+
+def save_figure(fig, path):
+    """Write a figure to `path` (PNG) and beside it as PDF, each atomically, and close it."""
+    for out in (path, os.path.splitext(path)[0] + '.pdf'):
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=200)
+    plt.close(fig)
+
+
+def plot_runs(runs, path):
+    """Training loss, proxy accuracy and every test metric per epoch, a panel each, one line per run
+    ({label: statistics table}) in every panel; writes `path` (PNG) and its PDF, returns the figure."""
+    panels = [('loss', 'training loss', 1), ('accuracy', 'proxy accuracy (%)', 100)]
+    panels += [(column, f'{metric_label(column)} (%)', 100) for column in metric_columns(runs.values())]
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    with plt.style.context(['science', 'no-latex']):
+        # a run keeps its colour and line style in every panel, even where it lacks a metric
+        styles = list(plt.rcParams['axes.prop_cycle'])
+        fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 1.8 * rows + 0.2 * len(runs)), squeeze=False,
+                                 sharex=True, layout='constrained')
+        for i, (ax, (column, ylabel, scale)) in enumerate(zip(axes.flat, panels)):
+            for j, (label, table) in enumerate(runs.items()):
+                if column in table:
+                    ax.plot(table['epoch'], scale * table[column], marker='.', label=label, **styles[j % len(styles)])
+            ax.set(xlabel='epoch' if i + columns >= len(panels) else '', ylabel=ylabel)
+            # shared epochs (loss and accuracy start at 1), in whole numbers, labelled under every panel
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelbottom=True)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        # every run has a loss column, so the first panel holds one line per run
+        fig.legend(*axes.flat[0].get_legend_handles_labels(), loc='outside upper center', frameon=False)
+    save_figure(fig, path)
+    return fig
 
 
 def plot_statistics(statistics, path):
-    """Loss/accuracy and every retrieval metric of a run's statistics table, per epoch."""
-    metrics = [c for c in statistics.columns if c not in ('epoch', 'loss', 'accuracy')]
+    """One run's figure (train.py, every epoch), labelled with the run name taken from `path`."""
+    return plot_runs({run_label(path): statistics}, path)
+
+
+def results_table(runs):
+    """Markdown table of each run's test metrics in %, at its best epoch and at its final epoch.
+
+    The best epoch is the one with the highest value of the first metric (R@1 by default) on the
+    test set itself: that selection is optimistic, which the footnote says.
+    """
+    columns = metric_columns(runs.values())
+    header = ['run', 'epoch'] + [metric_label(column) for column in columns]
+    lines = ['| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
+    for label, table in runs.items():
+        # a run without the table's first metric (other --metrics) is selected by its own first one
+        select = columns[0] if columns[0] in table else metric_columns([table])[0]
+        best, final = table.loc[table[select].idxmax()], table.iloc[-1]
+        epochs = f'{int(best["epoch"])} / {int(final["epoch"])}'
+        if select != columns[0]:
+            epochs += f' (by {metric_label(select)})'
+        lines.append('| ' + ' | '.join([label, epochs] + [
+            f'{100 * best[c]:.1f} / {100 * final[c]:.1f}' if c in table else '–' for c in columns]) + ' |')
+    lines += ['', f'Each cell: **best epoch / final epoch**, metrics in %. Best: the epoch with the highest '
+                  f'{metric_label(columns[0])}, every metric read there; it is selected on the test set itself, so '
+                  f'optimistic. Final: the last epoch in the CSV, no selection on the test set.']
+    return '\n'.join(lines) + '\n'
+
+
+def embedding_coordinates(embeddings, labels, max_points=2000, seed=0):
+    """2-D t-SNE coordinates of at most max_points embeddings (a random subset beyond that), and their
+    labels. Deterministic: the subset, t-SNE's random state and its PCA initialisation follow `seed`."""
+    # only the map needs scikit-learn (and its threadpoolctl), whose import takes a second
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+    embeddings = torch.as_tensor(embeddings).detach().cpu().float()
+    check_embeddings(embeddings, 'embeddings')
+    labels = as_label_tensor(labels, 'labels', len(embeddings), 'cpu').numpy()
+    keep = np.sort(np.random.default_rng(seed).permutation(len(embeddings))[:max_points])
+    # the perplexity (roughly the neighbours each point keeps close) must stay below the number of points
+    tsne = TSNE(perplexity=min(30.0, len(keep) - 1), init='pca', random_state=seed)
+    # one thread: t-SNE's threads meet at a barrier in each of its 1,000 iterations, and with another
+    # process on the cores they spin there (here 1,000 points took 3 s on one thread, 30 s on two)
+    with threadpool_limits(1):
+        return tsne.fit_transform(embeddings.numpy()[keep]), labels[keep]
+
+
+def plot_embedding_map(embeddings, labels, class_names, path, max_points=2000, seed=0):
+    """t-SNE map of embeddings coloured by class (labels index class_names); writes `path` (PNG) and
+    its PDF, returns the figure. Over 20 classes no palette tells them apart: hues then go round a
+    cyclic colour map in golden-ratio steps, so consecutive classes differ, and there is no legend."""
+    coordinates, labels = embedding_coordinates(embeddings, labels, max_points, seed)
+    classes, index = np.unique(labels, return_inverse=True)
+    few = len(classes) <= 20
+    colours = plt.cm.tab20(index) if few else plt.cm.hsv(index * GOLDEN_RATIO_FRACTION % 1)
+    subset = f' of {len(embeddings)}' if len(labels) < len(embeddings) else ''
     with plt.style.context(['science', 'no-latex']):
-        fig, (ax_loss, ax_metrics) = plt.subplots(1, 2, figsize=(7, 2.8))
-        ax_loss.plot(statistics['epoch'], statistics['loss'], marker='.', label='loss')
-        ax_loss.set(xlabel='epoch', ylabel='training loss')
-        ax_acc = ax_loss.twinx()
-        ax_acc.plot(statistics['epoch'], 100 * statistics['accuracy'], marker='.', color='C1', label='accuracy')
-        ax_acc.set_ylabel('proxy accuracy (%)')
-        handles = ax_loss.get_lines() + ax_acc.get_lines()
-        ax_loss.legend(handles, [h.get_label() for h in handles], loc='center right', frameon=False)
-        for column in metrics:
-            ax_metrics.plot(statistics['epoch'], 100 * statistics[column], marker='.', label=column.replace('recall', 'R'))
-        ax_metrics.set(xlabel='epoch', ylabel='test metric (%)')
-        ax_metrics.legend(frameon=False, fontsize=6, ncol=2)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=200)
-        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(5, 4.2) if few else (4.2, 4.2), layout='constrained')
+        ax.scatter(coordinates[:, 0], coordinates[:, 1], s=4, c=colours, linewidths=0)
+        ax.set(xticks=[], yticks=[], title=f't-SNE of {len(labels)}{subset} embeddings, {len(classes)} classes')
+        if few:
+            handles = [Line2D([], [], ls='', marker='o', markersize=3, color=plt.cm.tab20(i), label=class_names[c])
+                       for i, c in enumerate(classes)]
+            fig.legend(handles=handles, loc='outside right upper', fontsize=5, frameon=False)
+    save_figure(fig, path)
+    return fig
+
+
+def load_database(path):
+    """The feature database train.py writes, checked for what the embedding map needs."""
+    try:
+        database = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load fails on other files with many types (unpickling, zip, index errors)
+        raise ValueError(f'{path}: not a database written by train.py ({type(e).__name__}: {e})') from e
+    keys = database if isinstance(database, dict) else {}
+    missing = [key for key in ('test_embeddings', 'test_labels', 'test_classes') if key not in keys]
+    if missing:
+        raise ValueError(f'{path}: not a database written by train.py: no {", ".join(missing)}')
+    return database
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Figures and tables of train.py's runs.")
+    commands = parser.add_subparsers(dest='command', required=True)
+    plot = commands.add_parser('plot', help='loss, proxy accuracy and every metric per epoch; several runs, one figure')
+    plot.add_argument('statistics', nargs='+', help='{run}_statistics.csv files; runs are named after them')
+    plot.add_argument('--out', help='writes PREFIX.png and PREFIX.pdf (default: comparison beside the first CSV)',
+                      metavar='PREFIX')
+    table = commands.add_parser('table', help='Markdown table of the best-epoch and final-epoch test metrics')
+    table.add_argument('statistics', nargs='+', help='{run}_statistics.csv files; runs are named after them')
+    table.add_argument('--out', help='write the table to FILE instead of printing it', metavar='FILE')
+    embedding_map = commands.add_parser('map', help="t-SNE map of a run's test embeddings, coloured by class")
+    embedding_map.add_argument('data_base', help='{run}_data_base.pth written by train.py')
+    embedding_map.add_argument('--out', help='PNG path (a PDF goes beside it); default: {run}_embedding_map.png '
+                                             'beside the database', metavar='FILE')
+    args = parser.parse_args(argv)
+    if args.command == 'plot':
+        out = f'{args.out or os.path.join(os.path.dirname(args.statistics[0]), "comparison")}.png'
+        plot_runs(read_statistics(args.statistics), out)
+        print(f'wrote {out} and its PDF')
+    elif args.command == 'table':
+        text = results_table(read_statistics(args.statistics))
+        if args.out is None:
+            print(text, end='')
+            return
+        with atomic_path(args.out) as tmp, open(tmp, 'w') as f:
+            f.write(text)
+        print(f'wrote {args.out}')
+    else:
+        database = load_database(args.data_base)
+        out = args.out or f'{run_prefix(args.data_base)}_embedding_map.png'
+        plot_embedding_map(database['test_embeddings'], database['test_labels'], database['test_classes'], out)
+        print(f'wrote {out} and its PDF')
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')

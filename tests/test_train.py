@@ -27,8 +27,9 @@ def test_run_writes_csv_figure_args_model_and_database(trained_run):
     prefix, args = trained_run['prefix'], trained_run['args']
     assert list(pd.read_csv(f'{prefix}_statistics.csv').columns) == \
         ['epoch', 'loss', 'accuracy', 'recall@1', 'recall@2', 'recall@4', 'recall@8', 'r_precision', 'map@r', 'nmi']
-    with open(f'{prefix}_results.png', 'rb') as f:
-        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    for figure in ('results', 'embedding_map'):
+        with open(f'{prefix}_{figure}.png', 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     with open(f'{prefix}_args.json') as f:
         assert json.load(f)['loss_name'] == 'positive_proxy'
     database = torch.load(f'{prefix}_data_base.pth', weights_only=True)
