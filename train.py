@@ -154,6 +154,14 @@ def all_finite(loss, world_size):
     return bool(finite)
 
 
+def sync_buffers(model, world_size):
+    """Each rank's BatchNorm statistics follow its own batches; rank 0's are the ones saved, so
+    every rank embeds with them too (DDP itself broadcasts them before each training forward)."""
+    if world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def train_epoch(trainer, loader, optimizer, scaler, epoch, args, world_size, progress):
     trainer.train()
     device = next(trainer.parameters()).device
@@ -301,6 +309,7 @@ def main(argv=None):
                 sys.exit(f'error: {e}; stopping. The files of epoch {epoch - 1} are kept in {args.output_dir}/. '
                          f'A lower --lr or --proxy_lr may help.')
             scheduler.step()
+            sync_buffers(model, world_size)
         test_embeddings = embed(network, test_loader, world_size, amp_dtype, 'embed test set', is_main)
         if query_images:
             query_embeddings = embed(network, query_loader, world_size, amp_dtype, 'embed queries', is_main)
