@@ -1,9 +1,10 @@
 """Build the retrieval splits of CUB-200-2011, Cars196, Stanford Online Products, In-shop
 Clothes and the synthetic default.
 
-    python data_utils.py --data_path data --data_name all [--crop]
+    python data_utils.py --data_path data --data_name all [--crop] [--max_size N]
 
-writes DIR/<name>/uncropped_data_dicts.pth (or cropped_data_dicts.pth) holding
+writes DIR/<name>/uncropped_data_dicts.pth (or cropped_data_dicts.pth; with --max_size N,
+uncropped_maxN_data_dicts.pth and so on) holding
 {'train': {class_name: [image path, ...]}, 'test': {...}}, or for In-shop
 {'train': ..., 'query': ..., 'gallery': ...}. The paths are relative to DIR/<name>/ so the
 data folder can move; load_splits() joins them back on.
@@ -33,23 +34,27 @@ from utils import atomic_path, read_rgb
 # reading prepared splits
 
 
-def split_path(data_path, data_name, crop=False):
-    variant = 'cropped' if crop else 'uncropped'
+def split_path(data_path, data_name, crop=False, max_size=None):
+    # checked here, where every reader and writer of a split file passes
+    if max_size is not None and not (isinstance(max_size, int) and max_size >= 1):
+        raise ValueError(f'--max_size must be a positive number of pixels, got {max_size!r}')
+    variant = ('cropped' if crop else 'uncropped') + (f'_max{max_size}' if max_size else '')
     return os.path.join(data_path, data_name, f'{variant}_data_dicts.pth')
 
 
-def load_splits(data_path, data_name, crop=False):
+def load_splits(data_path, data_name, crop=False, max_size=None):
     """Return {split: {class_name: [image path]}} with paths usable from the cwd.
 
     The splits are whatever the preparer saved: 'train' and 'test', or for In-shop
     'train', 'query' and 'gallery'.
     """
-    path = split_path(data_path, data_name, crop)
+    path = split_path(data_path, data_name, crop, max_size)
     if data_name == 'synthetic' and not os.path.exists(path):
-        prepare_synthetic(data_path, crop)  # the embedded default needs no download
+        prepare_synthetic(data_path, crop, max_size=max_size)  # the embedded default needs no download
     if not os.path.exists(path):
-        command = f'python data_utils.py --data_path {shlex.quote(str(data_path))} --data_name {data_name}'
-        raise FileNotFoundError(f"{path} not found; create it with: {command}{' --crop' if crop else ''}")
+        command = (f'python data_utils.py --data_path {shlex.quote(str(data_path))} --data_name {data_name}'
+                   + (' --crop' if crop else '') + (f' --max_size {max_size}' if max_size else ''))
+        raise FileNotFoundError(f'{path} not found; create it with: {command}')
     root = os.path.join(data_path, data_name)
     splits = torch.load(path, weights_only=True)
     return {split: {name: [os.path.join(root, p) for p in paths] for name, paths in classes.items()}
@@ -77,8 +82,10 @@ def split_by_class(records, n_train_classes):
     return [(*record, 'train' if record[1] <= n_train_classes else 'test') for record in records]
 
 
-def write_splits(data_path, data_name, records, crop, split_names=('train', 'test')):
-    """Keep the records whose image decodes (cropping it if asked), group them by split and class, save."""
+def write_splits(data_path, data_name, records, crop, split_names=('train', 'test'), max_size=None):
+    """Keep the records whose image decodes (cropping it, then shrinking it to max_size, if asked),
+    group them by split and class, save."""
+    out = split_path(data_path, data_name, crop, max_size)  # a bad max_size fails before the decoding pass
     root = os.path.join(data_path, data_name)
     splits = {split: {} for split in split_names}
     skipped = []
@@ -93,23 +100,30 @@ def write_splits(data_path, data_name, records, crop, split_names=('train', 'tes
             warnings.warn(f'skipping unreadable image {path}: {e}')
             skipped.append(path)
             continue
+        listed = rel_path  # the original, unless a copy (crop, smaller copy or both) replaces it below
         if crop:
             pixels = clamp_box(box, img.size)
             if pixels is None:
                 warnings.warn(f'skipping {path}: bounding box {box} lies outside the {img.width}x{img.height} image')
                 skipped.append(path)
                 continue
-            rel_path = os.path.join('cropped', os.path.splitext(rel_path)[0] + '.jpg')
-            os.makedirs(os.path.dirname(os.path.join(root, rel_path)), exist_ok=True)
-            img.crop(pixels).save(os.path.join(root, rel_path), 'JPEG', quality=95)
-        splits[split].setdefault(class_name, []).append(rel_path)
+            img = img.crop(pixels)
+            listed = os.path.join('cropped', os.path.splitext(rel_path)[0] + '.jpg')
+        # training decodes every image every epoch, so a small copy makes that cheap; an image
+        # already within max_size is listed as it is, sparing it a lossy re-encoding
+        if max_size and max(img.size) > max_size:
+            img.thumbnail((max_size, max_size), Image.LANCZOS)  # in place, aspect ratio kept
+            listed = os.path.join(f'resized_{max_size}', os.path.splitext(listed)[0] + '.jpg')
+        if listed != rel_path:  # one write, after cropping and resizing: never a full-size crop only to shrink it
+            os.makedirs(os.path.dirname(os.path.join(root, listed)), exist_ok=True)
+            img.save(os.path.join(root, listed), 'JPEG', quality=95)
+        splits[split].setdefault(class_name, []).append(listed)
 
     if skipped:
         warnings.warn(f'{data_name}: skipped {len(skipped)} of {len(records)} images (named above)')
     for split, classes in splits.items():
         if not classes:
             raise ValueError(f'{root}: no usable {split} images ({len(skipped)} of {len(records)} skipped)')
-    out = split_path(data_path, data_name, crop)
     with atomic_path(out) as tmp:
         torch.save(splits, tmp)
     counts = ', '.join(f'{split} {len(classes)} classes / {sum(map(len, classes.values()))} images'
@@ -178,7 +192,7 @@ CUB_LAYOUT = ('the extracted CUB_200_2011.tgz, i.e. images.txt, image_class_labe
               'classes.txt and images/ in DIR/cub/ or DIR/cub/CUB_200_2011/')
 
 
-def prepare_cub(data_path, crop=False):
+def prepare_cub(data_path, crop=False, max_size=None):
     root = os.path.join(data_path, 'cub')
     base = release_base(root, 'CUB_200_2011', 'images.txt')
     images_txt = os.path.join(base, 'images.txt')
@@ -206,7 +220,8 @@ def prepare_cub(data_path, crop=False):
     records = [(os.path.join(images_rel, image_path), labels[image_id],
                 class_names.get(labels[image_id], os.path.dirname(image_path)), boxes.get(image_id))
                for image_id, image_path in image_paths.items()]
-    return write_splits(data_path, 'cub', split_by_class(records, n_train_classes=100), crop=crop)
+    return write_splits(data_path, 'cub', split_by_class(records, n_train_classes=100), crop=crop,
+                        max_size=max_size)
 
 # -----------------------------------------------------------------------------
 # Cars196
@@ -278,13 +293,14 @@ def read_cars_devkit(root):
     return records
 
 
-def prepare_cars(data_path, crop=False):
+def prepare_cars(data_path, crop=False, max_size=None):
     root = os.path.join(data_path, 'car')
     if os.path.exists(os.path.join(root, 'cars_annos.mat')):
         records = read_cars_annos(root)
     else:
         records = read_cars_devkit(root)
-    return write_splits(data_path, 'car', split_by_class(records, n_train_classes=98), crop=crop)
+    return write_splits(data_path, 'car', split_by_class(records, n_train_classes=98), crop=crop,
+                        max_size=max_size)
 
 # -----------------------------------------------------------------------------
 # Stanford Online Products: Ebay_train.txt and Ebay_test.txt list the two halves
@@ -294,7 +310,7 @@ SOP_LAYOUT = ('the extracted Stanford_Online_Products.zip, i.e. Ebay_train.txt, 
               '<category>_final/ image folders, in DIR/sop/ or DIR/sop/Stanford_Online_Products/')
 
 
-def prepare_sop(data_path, crop=False):
+def prepare_sop(data_path, crop=False, max_size=None):
     refuse_crop('sop', crop)
     root = os.path.join(data_path, 'sop')
     base = release_base(root, 'Stanford_Online_Products', 'Ebay_train.txt')
@@ -317,7 +333,7 @@ def prepare_sop(data_path, crop=False):
     # a missing category folder would otherwise show up as thousands of unreadable images
     for folder in sorted({os.path.dirname(record[0]) for record in records}):
         require(os.path.join(root, folder), SOP_LAYOUT)
-    return write_splits(data_path, 'sop', records, crop=False)
+    return write_splits(data_path, 'sop', records, crop=False, max_size=max_size)
 
 # -----------------------------------------------------------------------------
 # In-shop Clothes: list_eval_partition.txt puts each image in train, query or gallery
@@ -335,7 +351,7 @@ def evaluation_status(text):
     return text
 
 
-def prepare_inshop(data_path, crop=False):
+def prepare_inshop(data_path, crop=False, max_size=None):
     refuse_crop('inshop', crop)
     root = os.path.join(data_path, 'inshop')
     candidates = [os.path.join(root, 'list_eval_partition.txt'), os.path.join(root, 'Eval', 'list_eval_partition.txt')]
@@ -348,7 +364,8 @@ def prepare_inshop(data_path, crop=False):
     # the item is the class; a test item's images are split between query and gallery, which is
     # what the query-to-gallery evaluation needs, so they stay in separate dicts under the same name
     records = [(image_name, item_id, item_id, None, status) for image_name, item_id, status in rows]
-    return write_splits(data_path, 'inshop', records, crop=False, split_names=INSHOP_SPLITS)
+    return write_splits(data_path, 'inshop', records, crop=False, split_names=INSHOP_SPLITS,
+                        max_size=max_size)
 
 # -----------------------------------------------------------------------------
 # synthetic: the embedded default, a small fine-grained set generated on disk
@@ -448,7 +465,8 @@ def synthetic_classes(num_classes, seed):
             return train, test
 
 
-def prepare_synthetic(data_path, crop=False, num_classes=100, images_per_class=20, image_size=64, seed=0):
+def prepare_synthetic(data_path, crop=False, num_classes=100, images_per_class=20, image_size=64, seed=0,
+                      max_size=None):
     root = os.path.join(data_path, 'synthetic')
     train, test = synthetic_classes(num_classes, seed)
     records = []
@@ -461,12 +479,13 @@ def prepare_synthetic(data_path, crop=False, num_classes=100, images_per_class=2
             rel_path = os.path.join('images', name, f'{i:03d}.jpg')
             render(*attributes, image_size, rng).save(os.path.join(root, rel_path), quality=95)
             records.append((rel_path, class_id, name, (0, 0, image_size, image_size)))
-    return write_splits(data_path, 'synthetic', split_by_class(records, n_train_classes=len(train)), crop=crop)
+    return write_splits(data_path, 'synthetic', split_by_class(records, n_train_classes=len(train)),
+                        crop=crop, max_size=max_size)
 
 # -----------------------------------------------------------------------------
 # command line
 
-# Each preparer reads DIR/<name>/ and writes split_path(DIR, name, crop); new datasets go here.
+# Each preparer reads DIR/<name>/ and writes split_path(DIR, name, crop, max_size); new datasets go here.
 PREPARERS = {
     'car': prepare_cars,
     'cub': prepare_cub,
@@ -495,6 +514,10 @@ def main(argv=None):
                              'expected); synthetic, generated there; all: synthetic and each dataset present')
     parser.add_argument('--crop', action='store_true',
                         help='save bounding-box crops and list those instead (car, cub and synthetic only)')
+    parser.add_argument('--max_size', type=int, default=None, metavar='N',
+                        help='list JPEG copies (quality 95) shrunk to a longer side of at most N pixels, aspect '
+                             'kept, saved under DATA_PATH/<name>/resized_N/ (after --crop if both), so that '
+                             'training decodes small images; images already within N are listed as they are')
     synthetic = parser.add_argument_group('synthetic set (--data_name synthetic)')
     synthetic.add_argument('--num_classes', type=int, default=100, help='half train, half unseen test classes')
     synthetic.add_argument('--images_per_class', type=int, default=20)
@@ -511,7 +534,7 @@ def main(argv=None):
                 print(f'{name}: skipped, {reason}')
                 continue
             options = synthetic_options if name == 'synthetic' else {}
-            PREPARERS[name](args.data_path, crop=args.crop, **options)
+            PREPARERS[name](args.data_path, crop=args.crop, max_size=args.max_size, **options)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
 

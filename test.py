@@ -132,7 +132,7 @@ def default_model_path(database):
     return os.path.join(run['output_dir'], f'{run_name(argparse.Namespace(**run))}_model.pth')
 
 
-def embed_images(model, run, paths, device):
+def embed_images(model, run, paths):
     """Embeddings of image files as train.py embeds its test set: test transform, eval mode, its batches."""
     transform = build_transforms(model.backbone_spec, run['image_size'])[1]
     dataset = ImageDataset(paths, [0] * len(paths), transform)  # embed() ignores the labels
@@ -162,7 +162,7 @@ def load_model(path, database, database_path, device):
     model.load_state_dict(checkpoint['model'])
     model.to(device)
     # same architecture is not enough: weights of another run or epoch embed into another space
-    cosine = (embed_images(model, run, database['test_images'][:1], device)[0] @ stored[0].float()).item()
+    cosine = (embed_images(model, run, database['test_images'][:1])[0] @ stored[0].float()).item()
     if cosine < MIN_REPRODUCED_COSINE:
         raise ValueError(f'model {path} does not reproduce the embeddings of --data_base {database_path} '
                          f'(cosine {cosine:.3f} on {database["test_images"][0]}): they come from different runs '
@@ -275,7 +275,7 @@ def main(argv=None):
         check_outside_image(path, args.data_base)
     if outside:  # only these need the model
         model, run = load_model(args.model or default_model_path(database), database, args.data_base, args.device)
-        for path, embedding in zip(outside, embed_images(model, run, outside, args.device)):
+        for path, embedding in zip(outside, embed_images(model, run, outside)):
             queries[path] = Query(embedding, None, None)
 
     # every retrieval before any file, so that an error leaves no partial output

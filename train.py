@@ -8,6 +8,7 @@ as epoch 0). Files go to --output_dir, named by utils.run_name(); the checkpoint
 every epoch is what --resume continues from.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from utils import (METRICS, ImageDataset, atomic_path, build_transforms, evaluat
 NMI_MAX_CLASSES = 1000
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # What a checkpoint was trained with: resuming under other values would silently train another run.
-RUN_DEFINING = ('data_name', 'crop', 'backbone_type', 'pooling', 'freeze_bn', 'loss_name', 'feature_dim', 'scale',
+RUN_DEFINING = ('data_name', 'crop', 'max_size', 'backbone_type', 'pooling', 'freeze_bn', 'loss_name', 'feature_dim', 'scale',
                 'batch_size', 'num_epochs', 'lr', 'proxy_lr', 'weight_decay', 'lr_decay_step', 'lr_decay_gamma',
                 'image_size', 'seed', 'amp')
 
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     parser.add_argument('--data_path', default='data', help='folder holding one sub-folder per dataset')
     parser.add_argument('--data_name', default='car', choices=list(PREPARERS))
     parser.add_argument('--crop', action='store_true', help='use the bounding-box crops (data_utils.py --crop)')
+    parser.add_argument('--max_size', type=int, default=None,
+                        help='use the resized copies of data_utils.py --max_size N (cheaper decoding)')
     parser.add_argument('--backbone_type', default='resnet50', choices=list(BACKBONES))
     parser.add_argument('--pretrained', default='imagenet', help="'imagenet' (from $TORCH_HOME), 'none', or a state dict PATH")
     parser.add_argument('--pooling', default='max', choices=list(POOLINGS))
@@ -115,6 +118,31 @@ class ProxyTraining(nn.Module):
 def memory_format(device):
     # channels-last feeds the tensor cores of convolutions on GPUs; on the CPU it does not pay
     return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+
+
+def build_optimizer(model, loss_fn, args):
+    # the recipe of the proxy-based methods: AdamW, proxies learning 100x faster (step decay in main)
+    return torch.optim.AdamW([{'params': model.parameters(), 'lr': args.lr},
+                              {'params': loss_fn.parameters(), 'lr': args.proxy_lr}],
+                             weight_decay=args.weight_decay)
+
+
+def build_loader(images, labels, transform, train, args, device, rank=0, world_size=1):
+    """The DataLoader of this rank's share: shuffled and cut to whole batches for training,
+    strided shards in order (for embed()) otherwise."""
+    dataset = ImageDataset(images, labels, transform)
+    if train:  # a new order per epoch (set_epoch), each rank its disjoint share
+        sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed,
+                                                      drop_last=True)
+    else:  # strided shards, gathered back by embed()
+        sampler = range(rank, len(dataset), world_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world_size, sampler=sampler, drop_last=train,
+        num_workers=args.num_workers, pin_memory=device.type == 'cuda',
+        prefetch_factor=4 if args.num_workers else None,
+        # train workers restart every epoch, seeded from the epoch's seed, so a resumed run
+        # augments exactly like an uninterrupted one; evaluation has no randomness to keep
+        persistent_workers=args.num_workers > 0 and not train)
 
 
 @torch.no_grad()
@@ -218,7 +246,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial network on every rank
 
     # data: proxies and labels index the sorted class names of each split
-    splits = load_splits(args.data_path, args.data_name, args.crop)
+    splits = load_splits(args.data_path, args.data_name, args.crop, args.max_size)
     train_classes = sorted(splits['train'])
     train_images, train_labels = flatten_split(splits['train'], train_classes)
     # the test images are the gallery; In-shop also has separate queries (query -> gallery)
@@ -234,22 +262,7 @@ def main(argv=None):
     network = torch.compile(model) if args.compile else model
     amp_dtype = AMP_DTYPES[args.amp]
     train_transform, test_transform = build_transforms(model.backbone_spec, args.image_size)
-    local_batch = args.batch_size // world_size
-
-    def loader(images, labels, transform, train):
-        dataset = ImageDataset(images, labels, transform)
-        if train:  # a new order per epoch (set_epoch), each rank its disjoint share
-            sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed,
-                                                          drop_last=True)
-        else:  # strided shards, gathered back by embed()
-            sampler = range(rank, len(dataset), world_size)
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=local_batch, sampler=sampler, drop_last=train, num_workers=args.num_workers,
-            pin_memory=device.type == 'cuda', prefetch_factor=4 if args.num_workers else None,
-            # train workers restart every epoch, seeded from the epoch's seed, so a resumed run
-            # augments exactly like an uninterrupted one; evaluation has no randomness to keep
-            persistent_workers=args.num_workers > 0 and not train)
-
+    loader = functools.partial(build_loader, args=args, device=device, rank=rank, world_size=world_size)
     train_loader = loader(train_images, train_labels, train_transform, train=True)
     if len(train_loader) == 0:
         raise ValueError(f'--batch_size {args.batch_size} is larger than the {len(train_images)} training images')
@@ -262,10 +275,7 @@ def main(argv=None):
     trainer = ProxyTraining(network, loss_fn, amp_dtype)
     if world_size > 1:
         trainer = DistributedDataParallel(trainer, device_ids=[device.index] if device.type == 'cuda' else None)
-    # the recipe of the proxy-based methods: AdamW, proxies learning 100x faster, step decay
-    optimizer = torch.optim.AdamW([{'params': model.parameters(), 'lr': args.lr},
-                                   {'params': loss_fn.parameters(), 'lr': args.proxy_lr}],
-                                  weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, loss_fn, args)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
 

@@ -1,0 +1,169 @@
+"""
+Training throughput: how close does the real training loop come to the network's own speed?
+
+  pure   train.train_epoch over a random batch already in memory (on the device): forward,
+         loss, backward and optimizer step, nothing else
+  loop   train.train_epoch over the DataLoader train.build_loader makes for train.py, on the
+         synthetic set on disk: JPEG decoding, RandomResizedCrop, flip and normalisation in
+         --num_workers processes that restart every epoch, as train.py's do
+
+Both take the network, loss, optimizer and loader from train.py's own functions and defaults
+(train.parse_args), so the compute is the same and only where the batches come from differs.
+The target: the loop reaches at least 85% of the pure rate on 2 CPU cores, resnet18 at 112 px.
+
+    python benchmarks/train_bench.py                     # resnet18, 112 px, batch 64, workers 0,1,2
+    python benchmarks/train_bench.py --source_size 500 --max_size 128  # CUB-sized sources, data_utils --max_size
+
+The defaults take about 4.5 minutes on 2 idle cores. Each worker setting gets one warm-up epoch,
+then --epochs timed epochs, each next to a pure round of as many steps, so that a machine whose
+load drifts shifts both sides of a ratio alike; rates are the median over rounds. On CUDA it also
+measures resnet50 at 224 px in fp32 and --amp bf16, each contiguous and channels-last.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the script lives in benchmarks/, train.py in the repo root
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from data_utils import load_splits, prepare_synthetic, split_path  # noqa: E402
+from loss import build_loss  # noqa: E402
+from model import BACKBONES, Model  # noqa: E402
+from utils import atomic_path, build_transforms, flatten_split, read_rgb, resolve_device  # noqa: E402
+
+parser = argparse.ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:3]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument('--backbone_type', default='resnet18', choices=list(BACKBONES))
+parser.add_argument('--image_size', type=int, default=112)
+parser.add_argument('--batch_size', type=int, default=64)
+parser.add_argument('--amp', default='none', choices=list(train.AMP_DTYPES))
+parser.add_argument('--num_workers', default='0,1,2', help='comma-separated DataLoader worker counts to compare')
+parser.add_argument('--epochs', type=int, default=2, help='timed epochs (and pure rounds) per worker setting')
+parser.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
+parser.add_argument('--data_path', help='where the synthetic set is, or is generated; default: a temporary folder')
+parser.add_argument('--source_size', type=int, default=64,
+                    help="side of the synthetic images generated (data_utils' --image_size); 64 is its default")
+parser.add_argument('--max_size', type=int, help="train on data_utils' --max_size copies of the images")
+parser.add_argument('--out', help='also write the Markdown table to this file (atomically)')
+args = parser.parse_args()
+workers_list = [int(w) for w in args.num_workers.split(',')]
+
+# -----------------------------------------------------------------------------
+# data: the synthetic set on disk, its train split as train.py reads it
+
+temporary = tempfile.TemporaryDirectory()  # removed at exit; unused when --data_path is given
+data_path = args.data_path or temporary.name
+if not os.path.exists(split_path(data_path, 'synthetic', max_size=args.max_size)):
+    prepare_synthetic(data_path, image_size=args.source_size, max_size=args.max_size)
+splits = load_splits(data_path, 'synthetic', max_size=args.max_size)
+train_classes = sorted(splits['train'])
+train_images, train_labels = flatten_split(splits['train'], train_classes)
+# an existing --data_path may hold another size than --source_size: report what is decoded
+decoded = read_rgb(train_images[0]).size
+
+# -----------------------------------------------------------------------------
+# one configuration: pure rounds and loop epochs, side by side for each worker count
+
+# train_epoch and train.py lay images out with train.memory_format(device): channels-last on
+# CUDA, always. Replacing it for a configuration measures what that choice buys.
+TRAIN_MEMORY_FORMAT = train.memory_format
+MEMORY_FORMATS = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}
+
+
+def timed(run):
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def measure(backbone_type, image_size, amp, layout):
+    """{workers: (pure img/s, loop img/s)} and the layout used, for one configuration."""
+    def train_args(workers):
+        return train.parse_args(['--data_path', data_path, '--data_name', 'synthetic', '--backbone_type', backbone_type,
+                                 '--pretrained', 'none', '--image_size', str(image_size), '--batch_size',
+                                 str(args.batch_size), '--amp', amp, '--num_workers', str(workers),
+                                 '--device', args.device])
+    targs = train_args(workers_list[0])
+    device = torch.device(targs.device)
+    train.memory_format = (TRAIN_MEMORY_FORMAT if layout == 'auto'
+                           else lambda device: MEMORY_FORMATS[layout])
+    memory_format = train.memory_format(device)
+    # --pretrained none: random weights cost the same compute as pretrained ones, and need no file
+    model = Model(backbone_type, targs.feature_dim, targs.pretrained, targs.pooling, targs.freeze_bn).to(device)
+    model = model.to(memory_format=memory_format)
+    loss_fn = build_loss(targs.loss_name, len(train_classes), targs.feature_dim, targs.scale).to(device)
+    trainer = train.ProxyTraining(model, loss_fn, train.AMP_DTYPES[amp])
+    optimizer = train.build_optimizer(model, loss_fn, targs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')  # as train.py: only fp16 scales
+    train_transform, _ = build_transforms(model.backbone_spec, image_size)
+
+    # already where train_epoch would move it, so its .to() is a no-op and the step is all there is
+    images = torch.randn(args.batch_size, 3, image_size, image_size, device=device).to(memory_format=memory_format)
+    labels = torch.randint(len(train_classes), (args.batch_size,), device=device)
+    train.train_epoch(trainer, [(images, labels)] * 3, optimizer, scaler, 1, targs, 1, False)  # warm-up
+
+    rates = {}
+    for workers in workers_list:
+        targs = train_args(workers)
+        loader = train.build_loader(train_images, train_labels, train_transform, True, targs, device)
+        batches = [(images, labels)] * len(loader)
+        pure, loop = [], []
+        for epoch in range(args.epochs + 1):  # epoch 0 warms up the files' page cache and the workers' start
+            loader.sampler.set_epoch(epoch)  # as train.py: a new order every epoch
+            loop_time = timed(lambda: train.train_epoch(trainer, loader, optimizer, scaler, epoch, targs, 1, False))
+            if epoch:
+                pure_time = timed(lambda: train.train_epoch(trainer, batches, optimizer, scaler, epoch, targs, 1, False))
+                loop.append(len(loader) * args.batch_size / loop_time)
+                pure.append(len(batches) * args.batch_size / pure_time)
+        rates[workers] = statistics.median(pure), statistics.median(loop)
+        print(f'  {backbone_type} {image_size}px {amp} {layout}, {workers} workers: pure '
+              + ' '.join(f'{r:.1f}' for r in pure) + ', loop ' + ' '.join(f'{r:.1f}' for r in loop) + ' img/s',
+              flush=True)
+    train.memory_format = TRAIN_MEMORY_FORMAT
+    return rates, 'channels_last' if memory_format == torch.channels_last else 'contiguous'
+
+
+# -----------------------------------------------------------------------------
+# run every configuration, then the table
+
+device_type = resolve_device(args.device)
+configurations = [(args.backbone_type, args.image_size, args.amp, 'auto')]
+if device_type == 'cuda':
+    configurations += [('resnet50', 224, amp, layout) for amp in ('none', 'bf16')
+                       for layout in ('contiguous', 'channels_last')]
+load_before = os.getloadavg()
+header = (f'torch {torch.__version__} on {torch.cuda.get_device_name() if device_type == "cuda" else "CPU"}, '
+          f'{os.cpu_count()} cores, {torch.get_num_threads()} torch threads; synthetic set: '
+          f'{len(train_images)} train images decoded at {decoded[0]}x{decoded[1]}'
+          + (f' (--max_size {args.max_size} copies)' if args.max_size else '')
+          + f', {len(train_images) // args.batch_size} batches per epoch; median of {args.epochs} timed epochs '
+          f'after 1 warm-up')
+print(header, flush=True)
+
+rows = []
+for backbone_type, image_size, amp, layout in configurations:
+    rates, layout = measure(backbone_type, image_size, amp, layout)
+    for workers, (pure, loop) in rates.items():
+        rows.append(f'| {backbone_type} | {image_size} | {args.batch_size} | {"fp32" if amp == "none" else amp} | '
+                    f'{layout} | {workers} | {pure:.1f} | {loop:.1f} | {loop / pure:.2f} | '
+                    f'{"yes" if loop >= 0.85 * pure else "no"} |')
+load_after = os.getloadavg()
+
+table = '\n'.join([
+    header,
+    f'load average (1, 5, 15 min) before {", ".join(f"{v:.2f}" for v in load_before)}, '
+    f'after {", ".join(f"{v:.2f}" for v in load_after)}',
+    '',
+    '| backbone | size | batch | precision | layout | workers | pure img/s | loop img/s | loop / pure | ≥ 85% |',
+    '|---|---:|---:|---|---|---:|---:|---:|---:|---|',
+    *rows, ''])
+print('\n' + table)
+if args.out:
+    with atomic_path(args.out) as tmp_path, open(tmp_path, 'w') as f:  # a crash mid-write keeps any previous table
+        f.write(table)
