@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from model import Model
 from train import embed
-from utils import ImageDataset, atomic_path, build_transforms, read_rgb, resolve_device, run_name
+from utils import ImageDataset, atomic_path, build_transforms, load_database, read_rgb, resolve_device, run_name
 
 GREEN, RED, GREY = (0, 160, 0), (210, 0, 0), (150, 150, 150)
 GRID_TILE, SUMMARY_TILE = 240, 120  # pixels of a framed image: the grid is for reading, the summary for scanning
@@ -51,19 +51,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
     return args
-
-
-def load_database(path):
-    try:
-        database = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'--data_base {path} does not exist; train.py writes it to --output_dir') from None
-    except Exception as e:  # not a torch file, truncated, or holding non-tensor objects
-        raise ValueError(f'--data_base {path} is not a readable feature database ({type(e).__name__}: {e})') from None
-    missing = {'test_images', 'test_labels', 'test_classes', 'test_embeddings', 'args'} - set(database)
-    if missing:
-        raise ValueError(f'--data_base {path} is not a feature database written by train.py: missing {sorted(missing)}')
-    return database
 
 
 class Query(NamedTuple):

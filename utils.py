@@ -478,15 +478,15 @@ def plot_embedding_map(embeddings, labels, class_names, path, max_points=2000, s
 
 
 def load_database(path):
-    """The feature database train.py writes, checked for what the embedding map needs."""
+    """The feature database train.py writes: test (gallery) images, labels, class names, embeddings..."""
     try:
-        database = torch.load(path, weights_only=True)
+        database = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(f'{path} does not exist; train.py writes the database to its --output_dir') from None
     except Exception as e:  # torch.load fails on other files with many types (unpickling, zip, index errors)
-        raise ValueError(f'{path}: not a database written by train.py ({type(e).__name__}: {e})') from e
+        raise ValueError(f'{path}: not a database written by train.py ({type(e).__name__}: {e})') from None
     keys = database if isinstance(database, dict) else {}
-    missing = [key for key in ('test_embeddings', 'test_labels', 'test_classes') if key not in keys]
+    missing = [key for key in ('test_embeddings', 'test_labels', 'test_classes', 'test_images') if key not in keys]
     if missing:
         raise ValueError(f'{path}: not a database written by train.py: no {", ".join(missing)}')
     return database

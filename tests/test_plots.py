@@ -176,7 +176,8 @@ def test_embedding_map_names_few_classes_in_a_legend_and_many_by_colour_alone(tm
 def test_map_command_draws_a_database_beside_it(tmp_path):
     embeddings, labels = clustered_embeddings(3, 10)
     path = tmp_path / 'synthetic_resnet18_positive_proxy_512_3_data_base.pth'
-    torch.save({'test_embeddings': embeddings, 'test_labels': labels, 'test_classes': ['a', 'b', 'c']}, path)
+    torch.save({'test_embeddings': embeddings, 'test_labels': labels, 'test_classes': ['a', 'b', 'c'],
+                'test_images': [f'{i}.jpg' for i in range(len(labels))]}, path)
     utils.main(['map', str(path)])
     assert_png_and_pdf(str(tmp_path / 'synthetic_resnet18_positive_proxy_512_3_embedding_map.png'))
 
@@ -184,7 +185,7 @@ def test_map_command_draws_a_database_beside_it(tmp_path):
 def test_map_of_a_file_that_is_not_a_database_names_it(tmp_path):
     path = tmp_path / 'x_data_base.pth'
     torch.save({'test_embeddings': torch.zeros(3, 2)}, path)
-    with pytest.raises(ValueError, match='no test_labels, test_classes') as error:
+    with pytest.raises(ValueError, match='no test_labels, test_classes, test_images') as error:
         utils.load_database(str(path))
     assert str(path) in str(error.value)
     torch.save(torch.zeros(3, 2), path)

@@ -72,8 +72,8 @@ def test_query_errors_name_the_flag(database_file, flags, message):
         query_tool.main(argv)
 
 
-@pytest.mark.parametrize('content,message', [(None, 'does not exist'), (b'garbage', 'not a readable'),
-                                             ({'model': {}}, 'missing')])
+@pytest.mark.parametrize('content,message', [(None, 'does not exist'), (b'garbage', 'not a database written by train.py'),
+                                             ({'model': {}}, 'no test_embeddings')])
 def test_unreadable_database_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / 'db.pth'
     if isinstance(content, bytes):
