@@ -1,8 +1,15 @@
-"""Shared fixtures: the synthetic data set and one short training run on it, made once per session."""
+"""Shared fixtures: the synthetic data set and one short training run on it, made once per session;
+the devices to run device-dependent tests on (CUDA too, where there is one)."""
 import pytest
+import torch
 
 import data_utils
 import train
+
+
+@pytest.fixture(params=['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])
+def device(request):
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope='session')

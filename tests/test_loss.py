@@ -8,16 +8,16 @@ from loss import NormalizedSoftmaxLoss, PositiveProxyLoss, build_loss
 B, C, D, SCALE = 6, 5, 8, 16.0
 
 
-def batch(seed=0):
+def batch(seed=0, device='cpu'):
     generator = torch.Generator().manual_seed(seed)
     embeddings = torch.randn(B, D, generator=generator, dtype=torch.float64)
     proxies = torch.randn(C, D, generator=generator, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, 4, 1])
-    return embeddings, proxies, labels
+    return embeddings.to(device), proxies.to(device), labels.to(device)
 
 
 def gradients(loss_class, embeddings, proxies, labels):
-    loss_fn = loss_class(C, D, SCALE).double()
+    loss_fn = loss_class(C, D, SCALE).double().to(embeddings.device)
     with torch.no_grad():
         loss_fn.proxies.copy_(proxies)
     embeddings = embeddings.clone().requires_grad_()
@@ -36,7 +36,8 @@ def reference(embeddings, proxies, labels):
     dS = SCALE * (torch.softmax(SCALE * S, dim=1) - F.one_hot(labels, C)) / B
     loss = F.cross_entropy(SCALE * S, labels)
     df_full = dS @ p.detach()                                    # every proxy pushes or pulls f_i
-    df_positive = dS[torch.arange(B), labels, None] * p.detach()[labels]  # only p_{y_i} pulls f_i
+    rows = torch.arange(B, device=labels.device)
+    df_positive = dS[rows, labels, None] * p.detach()[labels]    # only p_{y_i} pulls f_i
     dp = dS.t() @ f.detach()
     grads = {}
     for name, df in (('full', df_full), ('positive', df_positive)):
@@ -45,8 +46,8 @@ def reference(embeddings, proxies, labels):
     return loss, grads
 
 
-def test_positive_proxy_embedding_gradient_keeps_only_own_proxy_term():
-    embeddings, proxies, labels = batch()
+def test_positive_proxy_embedding_gradient_keeps_only_own_proxy_term(device):
+    embeddings, proxies, labels = batch(device=device)
     _, grad_embeddings, _ = gradients(PositiveProxyLoss, embeddings, proxies, labels)
     _, expected = reference(embeddings, proxies, labels)
     torch.testing.assert_close(grad_embeddings, expected['positive'])
@@ -54,8 +55,8 @@ def test_positive_proxy_embedding_gradient_keeps_only_own_proxy_term():
     assert not torch.allclose(grad_embeddings, expected['full'])
 
 
-def test_positive_proxy_has_normalized_softmax_value_and_proxy_gradient():
-    embeddings, proxies, labels = batch(1)
+def test_positive_proxy_has_normalized_softmax_value_and_proxy_gradient(device):
+    embeddings, proxies, labels = batch(1, device=device)
     loss_pp, _, grad_proxies_pp = gradients(PositiveProxyLoss, embeddings, proxies, labels)
     loss_ns, _, grad_proxies_ns = gradients(NormalizedSoftmaxLoss, embeddings, proxies, labels)
     expected_loss, expected = reference(embeddings, proxies, labels)
@@ -65,19 +66,19 @@ def test_positive_proxy_has_normalized_softmax_value_and_proxy_gradient():
     torch.testing.assert_close(grad_proxies_ns, expected['proxies'])
 
 
-def test_normalized_softmax_embedding_gradient_is_the_full_softmax_gradient():
-    embeddings, proxies, labels = batch(2)
+def test_normalized_softmax_embedding_gradient_is_the_full_softmax_gradient(device):
+    embeddings, proxies, labels = batch(2, device=device)
     _, grad_embeddings, _ = gradients(NormalizedSoftmaxLoss, embeddings, proxies, labels)
     _, expected = reference(embeddings, proxies, labels)
     torch.testing.assert_close(grad_embeddings, expected['full'])
 
 
-def test_negative_proxies_do_not_push_embeddings():
+def test_negative_proxies_do_not_push_embeddings(device):
     """With a single class present per embedding, moving any other proxy leaves dL/df unchanged
     in direction for positive_proxy (only p_{y_i} appears), while normalized softmax changes."""
-    embeddings, proxies, labels = batch(3)
+    embeddings, proxies, labels = batch(3, device=device)
     moved = proxies.clone()
-    moved[4] = torch.randn(D, dtype=torch.float64)  # class 4 is a negative for every row but row 4
+    moved[4] = torch.randn(D, dtype=torch.float64, device=device)  # a negative for every row but row 4
     rows = labels != 4
     for loss_class, changes in ((PositiveProxyLoss, False), (NormalizedSoftmaxLoss, True)):
         g1 = F.normalize(gradients(loss_class, embeddings, proxies, labels)[1][rows], dim=-1)
@@ -85,13 +86,14 @@ def test_negative_proxies_do_not_push_embeddings():
         assert torch.allclose(g1, g2) != changes, loss_class.__name__
 
 
-def test_loss_runs_in_fp32_under_reduced_precision_inputs():
-    loss_fn = build_loss('positive_proxy', C, D)
-    embeddings = torch.randn(B, D).bfloat16().requires_grad_()
-    loss = loss_fn(embeddings, batch()[2])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_loss_runs_in_fp32_under_reduced_precision_inputs(dtype, device):
+    loss_fn = build_loss('positive_proxy', C, D).to(device)
+    embeddings = torch.randn(B, D, device=device).to(dtype).requires_grad_()
+    loss = loss_fn(embeddings, batch(device=device)[2])
     assert loss.dtype == torch.float32
     loss.backward()
-    assert embeddings.grad.dtype == torch.bfloat16 and torch.isfinite(embeddings.grad).all()
+    assert embeddings.grad.dtype == dtype and torch.isfinite(embeddings.grad).all()
 
 
 def test_predict_returns_nearest_proxy_class():

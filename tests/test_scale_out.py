@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -28,6 +29,19 @@ def train_args(data_path, output_dir, *extra):
     return ['--data_path', data_path, '--data_name', 'synthetic', '--backbone_type', 'resnet18', '--pretrained', 'none',
             '--image_size', '32', '--batch_size', '10', '--lr', '1e-3', '--num_epochs', '3', '--num_workers', '1',
             '--output_dir', str(output_dir), *extra]
+
+
+def reembed_test_set(prefix, database):
+    """The saved model, loaded into a plain (uncompiled, single-process) Model, embedding the test
+    images of the database; checked to give the embeddings the run stored."""
+    model = Model('resnet18', 512, pretrained='none')
+    model.load_state_dict(torch.load(f'{prefix}_model.pth', weights_only=True)['model'])
+    _, test_transform = build_transforms(model.backbone_spec, 32)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(database['test_images'], database['test_labels'], test_transform), batch_size=7)
+    embeddings = train.embed(model, loader)
+    torch.testing.assert_close(embeddings, database['test_embeddings'], atol=1e-5, rtol=1e-4)
+    return embeddings
 
 
 def statistics(output_dir, epochs=3):
@@ -91,27 +105,55 @@ def test_two_process_run_evaluates_every_test_image_once_like_a_single_process(s
     assert len(database['test_embeddings']) == len(database['test_images']) == 50
 
     # a single process re-embeds the test set with the saved model: same embeddings, same metrics
-    checkpoint = torch.load(f'{prefix}_model.pth', weights_only=True)
-    model = Model('resnet18', 512, pretrained='none')
-    model.load_state_dict(checkpoint['model'])
-    _, test_transform = build_transforms(model.backbone_spec, 32)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(database['test_images'], database['test_labels'], test_transform), batch_size=7)
-    embeddings = train.embed(model, loader)
-    torch.testing.assert_close(embeddings, database['test_embeddings'], atol=1e-5, rtol=1e-4)
+    embeddings = reembed_test_set(prefix, database)
     logged = statistics(out, epochs=2).iloc[-1]
     for metric, value in evaluate(embeddings, database['test_labels']).items():
         assert logged[metric] == pytest.approx(value, abs=1e-6), metric
 
 
-def test_mixed_precision_runs_the_network_in_bf16_and_the_loss_in_fp32():
-    network = Model('resnet18', 16, pretrained='none')
-    trainer = train.ProxyTraining(network, build_loss('positive_proxy', 3, 16), torch.bfloat16)
-    loss, embeddings = trainer(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
-    assert embeddings.dtype == torch.bfloat16 and loss.dtype == torch.float32
+@pytest.mark.slow
+def test_a_compiled_run_saves_a_model_that_reloads_uncompiled(small_synthetic, tmp_path):
+    train.main(train_args(small_synthetic, tmp_path, '--num_epochs', '1', '--compile'))
+    prefix = tmp_path / 'synthetic_resnet18_positive_proxy_512_1'
+    reembed_test_set(prefix, torch.load(f'{prefix}_data_base.pth', weights_only=True))
+
+
+def small_training(device, amp):
+    """resnet18 and positive_proxy as train.py sets them up on `device`, and one batch of 4 images."""
+    torch.manual_seed(0)
+    network = Model('resnet18', 16, pretrained='none').to(device, memory_format=train.memory_format(device))
+    loss_fn = build_loss('positive_proxy', 3, 16).to(device)
+    trainer = train.ProxyTraining(network, loss_fn, train.AMP_DTYPES[amp])
+    optimizer = train.build_optimizer(network, loss_fn, train.parse_args(['--device', device.type]))
+    images = torch.randn(4, 3, 32, 32).to(device, memory_format=train.memory_format(device))
+    return trainer, optimizer, [(images, torch.tensor([0, 1, 2, 0], device=device))]
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_runs_the_network_in_half_precision_and_the_loss_in_fp32(amp, device):
+    trainer, _, [(images, labels)] = small_training(device, amp)
+    loss, embeddings = trainer(images, labels)
+    assert embeddings.dtype == train.AMP_DTYPES[amp] and loss.dtype == torch.float32
     loss.backward()
-    assert network.refactor.weight.grad.dtype == torch.float32  # master weights stay fp32
+    assert trainer.network.refactor.weight.grad.dtype == torch.float32  # master weights stay fp32
     assert torch.isfinite(trainer.loss_fn.proxies.grad).all()
+
+
+def test_fp16_skips_a_step_whose_gradients_overflow_and_lowers_the_loss_scale(device):
+    """train_epoch steps through the GradScaler: an overflowing step leaves every weight and proxy
+    as it was (no inf reaches them) and halves the scale; at a sane scale the step is taken."""
+    trainer, optimizer, batch = small_training(device, 'fp16')
+    before = [parameter.detach().clone() for parameter in trainer.parameters()]
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 40)  # dL/df * 2^40 overflows fp16
+    train.train_epoch(trainer, batch, optimizer, scaler, 1, SimpleNamespace(num_epochs=1), 1, False)
+    assert scaler.get_scale() == 2.0 ** 39
+    assert all(torch.equal(old, new) for old, new in zip(before, trainer.parameters()))
+
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
+    train.train_epoch(trainer, batch, optimizer, scaler, 1, SimpleNamespace(num_epochs=1), 1, False)
+    assert scaler.get_scale() == 1.0
+    for old, new in zip(before, trainer.parameters()):
+        assert torch.isfinite(new).all() and not torch.equal(old, new)
 
 
 def test_fp16_on_the_cpu_is_refused_at_the_command_line(capsys):
