@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pandas as pd
@@ -88,16 +89,26 @@ def test_resume_refuses_a_corrupt_or_mismatched_checkpoint(small_synthetic, tmp_
     assert statistics(out, epochs=1)['epoch'].tolist() == [0, 1]
 
 
-@pytest.mark.slow
-def test_two_process_run_evaluates_every_test_image_once_like_a_single_process(small_synthetic, tmp_path):
-    out = tmp_path / 'ddp'
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             'train.py', *train_args(small_synthetic, out, '--num_epochs', '2', '--num_workers', '0')],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count('epoch 2/2') == 1  # only rank 0 prints
+def torchrun(data_path, output_dir, *extra):
+    """train.py under `torchrun --nproc_per_node=2`, 2 epochs, as a started process."""
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', *train_args(data_path, output_dir, '--num_epochs', '2', '--num_workers', '0',
+                                                     *extra)],
+                            cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
+
+@pytest.fixture(scope='module')
+def two_process_run(small_synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp('ddp')
+    stdout, stderr = torchrun(small_synthetic, out).communicate(timeout=600)
+    return out, stdout, stderr
+
+
+@pytest.mark.slow
+def test_two_process_run_evaluates_every_test_image_once_like_a_single_process(small_synthetic, two_process_run):
+    out, stdout, stderr = two_process_run
+    assert stdout.count('epoch 2/2') == 1, stderr[-3000:]  # finished, and only rank 0 prints
     prefix = out / 'synthetic_resnet18_positive_proxy_512_2'
     database = torch.load(f'{prefix}_data_base.pth', weights_only=True)
     test_split = data_utils.load_splits(small_synthetic, 'synthetic')['test']
@@ -160,3 +171,24 @@ def test_fp16_on_the_cpu_is_refused_at_the_command_line(capsys):
     with pytest.raises(SystemExit) as stop:
         train.parse_args(['--amp', 'fp16', '--device', 'cpu'])
     assert stop.value.code == 2 and 'bf16' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumed_ends_like_an_uninterrupted_one(small_synthetic, two_process_run, tmp_path):
+    checkpoint = tmp_path / 'synthetic_resnet18_positive_proxy_512_2_checkpoint.pth'
+    job = torchrun(small_synthetic, tmp_path)
+    written = set()  # the checkpoint is replaced after every epoch: one modification time each
+    while len(written) < 2:  # epochs 0 and 1 done: killed in epoch 2, with a trained network to restore
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        if checkpoint.exists():
+            written.add(checkpoint.stat().st_mtime_ns)
+        time.sleep(0.02)
+    # SIGTERM, as a scheduler preempts a job: torchrun passes it on to both ranks, which die at once
+    job.terminate()
+    job.communicate(timeout=60)
+    assert torch.load(checkpoint, weights_only=True)['epoch'] == 1
+
+    stdout, stderr = torchrun(small_synthetic, tmp_path, '--resume', 'auto').communicate(timeout=600)
+    assert 'resuming from' in stdout and stdout.count('epoch 2/2') == 1, stderr[-3000:]
+    pd.testing.assert_frame_equal(statistics(tmp_path, epochs=2), statistics(two_process_run[0], epochs=2),
+                                  check_exact=True)
