@@ -1,4 +1,5 @@
-"""Scale-out as a user runs it: torchrun with two CPU processes, resuming a killed run, mixed precision."""
+"""Scale-out as a user runs it: torchrun with two CPU processes, resuming a killed run, torch.compile,
+mixed precision."""
 import os
 import subprocess
 import sys
@@ -27,9 +28,10 @@ def small_synthetic(tmp_path_factory):
 
 
 def train_args(data_path, output_dir, *extra):
+    # on the CPU even where there is a GPU: gloo processes, and exact (deterministic) float results
     return ['--data_path', data_path, '--data_name', 'synthetic', '--backbone_type', 'resnet18', '--pretrained', 'none',
             '--image_size', '32', '--batch_size', '10', '--lr', '1e-3', '--num_epochs', '3', '--num_workers', '1',
-            '--output_dir', str(output_dir), *extra]
+            '--device', 'cpu', '--output_dir', str(output_dir), *extra]
 
 
 def reembed_test_set(prefix, database):
@@ -47,6 +49,33 @@ def reembed_test_set(prefix, database):
 
 def statistics(output_dir, epochs=3):
     return pd.read_csv(f'{output_dir}/synthetic_resnet18_positive_proxy_512_{epochs}_statistics.csv')
+
+
+def torchrun(data_path, output_dir, *extra):
+    """train.py under `torchrun --nproc_per_node=2`, 2 epochs, as a started process."""
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', *train_args(data_path, output_dir, '--num_epochs', '2', '--num_workers', '0',
+                                                     *extra)],
+                            cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope='module')
+def two_process_run(small_synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp('ddp')
+    stdout, stderr = torchrun(small_synthetic, out).communicate(timeout=600)
+    return out, stdout, stderr
+
+
+def small_training(device, amp):
+    """resnet18 and positive_proxy as train.py sets them up on `device`, and one batch of 4 images."""
+    torch.manual_seed(0)
+    network = Model('resnet18', 16, pretrained='none').to(device, memory_format=train.memory_format(device))
+    loss_fn = build_loss('positive_proxy', 3, 16).to(device)
+    trainer = train.ProxyTraining(network, loss_fn, train.AMP_DTYPES[amp])
+    optimizer = train.build_optimizer(network, loss_fn, train.parse_args(['--device', device.type]))
+    images = torch.randn(4, 3, 32, 32).to(device, memory_format=train.memory_format(device))
+    return trainer, optimizer, [(images, torch.tensor([0, 1, 2, 0], device=device))]
 
 
 def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(small_synthetic, tmp_path, monkeypatch):
@@ -89,22 +118,6 @@ def test_resume_refuses_a_corrupt_or_mismatched_checkpoint(small_synthetic, tmp_
     assert statistics(out, epochs=1)['epoch'].tolist() == [0, 1]
 
 
-def torchrun(data_path, output_dir, *extra):
-    """train.py under `torchrun --nproc_per_node=2`, 2 epochs, as a started process."""
-    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             'train.py', *train_args(data_path, output_dir, '--num_epochs', '2', '--num_workers', '0',
-                                                     *extra)],
-                            cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-@pytest.fixture(scope='module')
-def two_process_run(small_synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp('ddp')
-    stdout, stderr = torchrun(small_synthetic, out).communicate(timeout=600)
-    return out, stdout, stderr
-
-
 @pytest.mark.slow
 def test_two_process_run_evaluates_every_test_image_once_like_a_single_process(small_synthetic, two_process_run):
     out, stdout, stderr = two_process_run
@@ -123,21 +136,31 @@ def test_two_process_run_evaluates_every_test_image_once_like_a_single_process(s
 
 
 @pytest.mark.slow
+def test_a_killed_two_process_run_resumed_ends_like_an_uninterrupted_one(small_synthetic, two_process_run, tmp_path):
+    checkpoint = tmp_path / 'synthetic_resnet18_positive_proxy_512_2_checkpoint.pth'
+    job = torchrun(small_synthetic, tmp_path)
+    written = set()  # the checkpoint is replaced after every epoch: one modification time each
+    while len(written) < 2:  # epochs 0 and 1 done: killed in epoch 2, with a trained network to restore
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        if checkpoint.exists():
+            written.add(checkpoint.stat().st_mtime_ns)
+        time.sleep(0.02)
+    # SIGTERM, as a scheduler preempts a job: torchrun passes it on to both ranks, which die at once
+    job.terminate()
+    job.communicate(timeout=60)
+    assert torch.load(checkpoint, weights_only=True)['epoch'] == 1
+
+    stdout, stderr = torchrun(small_synthetic, tmp_path, '--resume', 'auto').communicate(timeout=600)
+    assert 'resuming from' in stdout and stdout.count('epoch 2/2') == 1, stderr[-3000:]
+    pd.testing.assert_frame_equal(statistics(tmp_path, epochs=2), statistics(two_process_run[0], epochs=2),
+                                  check_exact=True)
+
+
+@pytest.mark.slow
 def test_a_compiled_run_saves_a_model_that_reloads_uncompiled(small_synthetic, tmp_path):
     train.main(train_args(small_synthetic, tmp_path, '--num_epochs', '1', '--compile'))
     prefix = tmp_path / 'synthetic_resnet18_positive_proxy_512_1'
     reembed_test_set(prefix, torch.load(f'{prefix}_data_base.pth', weights_only=True))
-
-
-def small_training(device, amp):
-    """resnet18 and positive_proxy as train.py sets them up on `device`, and one batch of 4 images."""
-    torch.manual_seed(0)
-    network = Model('resnet18', 16, pretrained='none').to(device, memory_format=train.memory_format(device))
-    loss_fn = build_loss('positive_proxy', 3, 16).to(device)
-    trainer = train.ProxyTraining(network, loss_fn, train.AMP_DTYPES[amp])
-    optimizer = train.build_optimizer(network, loss_fn, train.parse_args(['--device', device.type]))
-    images = torch.randn(4, 3, 32, 32).to(device, memory_format=train.memory_format(device))
-    return trainer, optimizer, [(images, torch.tensor([0, 1, 2, 0], device=device))]
 
 
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
@@ -171,24 +194,3 @@ def test_fp16_on_the_cpu_is_refused_at_the_command_line(capsys):
     with pytest.raises(SystemExit) as stop:
         train.parse_args(['--amp', 'fp16', '--device', 'cpu'])
     assert stop.value.code == 2 and 'bf16' in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_a_killed_two_process_run_resumed_ends_like_an_uninterrupted_one(small_synthetic, two_process_run, tmp_path):
-    checkpoint = tmp_path / 'synthetic_resnet18_positive_proxy_512_2_checkpoint.pth'
-    job = torchrun(small_synthetic, tmp_path)
-    written = set()  # the checkpoint is replaced after every epoch: one modification time each
-    while len(written) < 2:  # epochs 0 and 1 done: killed in epoch 2, with a trained network to restore
-        assert job.poll() is None, job.communicate()[1][-3000:]
-        if checkpoint.exists():
-            written.add(checkpoint.stat().st_mtime_ns)
-        time.sleep(0.02)
-    # SIGTERM, as a scheduler preempts a job: torchrun passes it on to both ranks, which die at once
-    job.terminate()
-    job.communicate(timeout=60)
-    assert torch.load(checkpoint, weights_only=True)['epoch'] == 1
-
-    stdout, stderr = torchrun(small_synthetic, tmp_path, '--resume', 'auto').communicate(timeout=600)
-    assert 'resuming from' in stdout and stdout.count('epoch 2/2') == 1, stderr[-3000:]
-    pd.testing.assert_frame_equal(statistics(tmp_path, epochs=2), statistics(two_process_run[0], epochs=2),
-                                  check_exact=True)
