@@ -19,7 +19,6 @@ import itertools
 import math
 import os
 import shlex
-import sys
 import warnings
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import atomic_path, read_rgb
+from utils import atomic_path, load_torch_file, read_rgb, run_script
 
 # -----------------------------------------------------------------------------
 # reading prepared splits
@@ -56,7 +55,7 @@ def load_splits(data_path, data_name, crop=False, max_size=None):
                    + (' --crop' if crop else '') + (f' --max_size {max_size}' if max_size else ''))
         raise FileNotFoundError(f'{path} not found; create it with: {command}')
     root = os.path.join(data_path, data_name)
-    splits = torch.load(path, weights_only=True)
+    splits = load_torch_file(path, 'splits file', ('train',), writer='data_utils.py')
     return {split: {name: [os.path.join(root, p) for p in paths] for name, paths in classes.items()}
             for split, classes in splits.items()}
 
@@ -527,17 +526,14 @@ def main(argv=None):
     synthetic_options = dict(num_classes=args.num_classes, images_per_class=args.images_per_class,
                              image_size=args.image_size, seed=args.seed)
     names = list(PREPARERS) if args.data_name == 'all' else [args.data_name]
-    try:
-        for name in names:
-            reason = skip_reason(args.data_path, name, args.crop) if args.data_name == 'all' else None
-            if reason:
-                print(f'{name}: skipped, {reason}')
-                continue
-            options = synthetic_options if name == 'synthetic' else {}
-            PREPARERS[name](args.data_path, crop=args.crop, max_size=args.max_size, **options)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
+    for name in names:
+        reason = skip_reason(args.data_path, name, args.crop) if args.data_name == 'all' else None
+        if reason:
+            print(f'{name}: skipped, {reason}')
+            continue
+        options = synthetic_options if name == 'synthetic' else {}
+        PREPARERS[name](args.data_path, crop=args.crop, max_size=args.max_size, **options)
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main)

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import choose
+
 
 def at_least_fp32(x):
     # mixed-precision embeddings are upcast: scale * cosine sharpens the softmax enough that
@@ -57,6 +59,4 @@ LOSSES = {'normalized_softmax': NormalizedSoftmaxLoss, 'positive_proxy': Positiv
 
 
 def build_loss(loss_name, num_classes, feature_dim, scale=32.0):
-    if loss_name not in LOSSES:
-        raise ValueError(f'unknown --loss_name {loss_name!r}; choose one of {sorted(LOSSES)}')
-    return LOSSES[loss_name](num_classes, feature_dim, scale)
+    return choose(LOSSES, loss_name, '--loss_name')(num_classes, feature_dim, scale)

@@ -1,9 +1,11 @@
 """Embedding network for deep metric learning: an ImageNet backbone trunk, global pooling,
-a bias-free linear projection ("refactor") and L2 normalisation.
+a bias-free linear projection ("refactor") and L2 normalisation; and embedding a set of images
+with it (`embed`, `embed_images`), for train.py and test.py alike.
 
 Weights are never downloaded here: `pretrained='imagenet'` reads the official file from the
 torch hub cache, so runs are reproducible offline and fail at once when the file is absent.
 """
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -11,9 +13,13 @@ from typing import Callable
 
 import pretrainedmodels
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from tqdm import tqdm
+
+from utils import ImageDataset, build_transforms, choose, load_torch_file
 
 
 @dataclass(frozen=True)
@@ -94,12 +100,6 @@ def avgmax_pool(x):
 POOLINGS = {'max': max_pool, 'avgmax': avgmax_pool}
 
 
-def choose(registry, key, what):
-    if key not in registry:
-        raise ValueError(f'unknown {what} {key!r}; choose one of {", ".join(registry)}')
-    return registry[key]
-
-
 def weights_file(spec, pretrained):
     """Path of the state dict to load, or None for random init. Checked before building anything."""
     if pretrained == 'none':
@@ -118,29 +118,24 @@ def weights_file(spec, pretrained):
     return pretrained
 
 
-def first(keys, n=5):
+def some_keys(keys, n=5):
+    """The first n of the sorted keys, and how many there are: short enough for an error message."""
     keys = sorted(keys)
     return ', '.join(keys[:n]) + (f', ... ({len(keys)} in all)' if len(keys) > n else '')
 
 
 def load_classifier_weights(net, path, backbone_type):
     """Strictly load an ImageNet-format classification state dict, with a short error on mismatch."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # unpickling failures are cryptic (a KeyError for a text file); the cause stays chained
-        raise ValueError(f'cannot read {path} as a state dict saved by torch.save '
-                         f'(loaded with weights_only=True)') from e
-    if not isinstance(state, dict):
-        raise ValueError(f'{path} holds a {type(state).__name__}, not a state dict')
+    state = load_torch_file(path, 'state dict', writer='torch.save')
     expected = net.state_dict()
     problems = []
     if missing := expected.keys() - state.keys():
-        problems.append(f'missing keys: {first(missing)}')
+        problems.append(f'missing keys: {some_keys(missing)}')
     if unexpected := state.keys() - expected.keys():
-        problems.append(f'unexpected keys: {first(unexpected)}')
+        problems.append(f'unexpected keys: {some_keys(unexpected)}')
     if wrong := [k for k in expected.keys() & state.keys()
                  if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape]:
-        problems.append(f'wrong shapes: {first(wrong)}')
+        problems.append(f'wrong shapes: {some_keys(wrong)}')
     if problems:
         raise ValueError(f'{path} is not a {backbone_type} classification state dict '
                          f'(the format of its ImageNet file): ' + '; '.join(problems))
@@ -168,9 +163,25 @@ class Model(nn.Module):
         if path is not None:
             load_classifier_weights(net, path, backbone_type)
         self.trunk = self.backbone_spec.trunk(net)
+        # the embedding layer; named as in the original code, whose checkpoints use this key
         self.refactor = nn.Linear(self.backbone_spec.channels, feature_dim, bias=False)
         self.freeze_bn = freeze_bn and path is not None
         self.train()  # a fresh module is in training mode; apply the BN freeze to it too
+
+    @classmethod
+    def from_file(cls, path, not_found=None):
+        """The network a run saved in its {run}_model.pth, in eval mode; the run's arguments
+        (image size, batch size, ...) are its .run_args. not_found: the message if the file is missing."""
+        saved = load_torch_file(path, 'model file', ('model', 'args'), not_found=not_found)
+        run_args = saved['args']
+        model = cls(run_args['backbone_type'], run_args['feature_dim'], pretrained='none', pooling=run_args['pooling'])
+        model.load_state_dict(saved['model'])
+        model.run_args = run_args
+        return model.eval()
+
+    @property
+    def feature_dim(self):
+        return self.refactor.out_features
 
     def train(self, mode=True):
         super().train(mode)
@@ -182,3 +193,52 @@ class Model(nn.Module):
 
     def forward(self, images):
         return F.normalize(self.refactor(self.pool(self.trunk(images))), dim=1)
+
+
+# -----------------------------------------------------------------------------
+# embedding a set of images
+
+
+def preferred_memory_format(device):
+    # channels-last feeds the tensor cores of convolutions on GPUs; on the CPU it does not pay
+    return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+
+
+@torch.no_grad()
+def embed(network, loader, world_size=1, amp_dtype=None, desc='embed', progress=True, memory_format=None):
+    """Embeddings of every image of the loader's dataset, in dataset order, each computed once.
+
+    network: a Model, or a wrapper of one (torch.compile) with the same forward. With several
+    ranks, rank r's loader holds images r, r + world_size, ... (a strided shard: no padding
+    duplicates, unlike DistributedSampler); the shards are gathered back into order.
+    """
+    network.eval()
+    device = next(network.parameters()).device
+    memory_format = memory_format or preferred_memory_format(device)
+    dataset_size = len(loader.dataset)
+    shard = []
+    for images, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            shard.append(network(images.to(device, non_blocking=True, memory_format=memory_format)).float())
+    # feature_dim reaches the Model through torch.compile's wrapper too, which forwards attributes
+    shard = torch.cat(shard) if shard else torch.empty(0, network.feature_dim, device=device)
+    if world_size == 1:
+        return shard
+    # all_gather wants equal sizes: pad every shard to the longest, then cut the padding off
+    longest = math.ceil(dataset_size / world_size)
+    padded = torch.cat([shard, shard.new_zeros(longest - len(shard), shard.shape[1])])
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    embeddings = shard.new_empty(dataset_size, shard.shape[1])
+    for rank, part in enumerate(gathered):
+        embeddings[rank::world_size] = part[:len(range(rank, dataset_size, world_size))]
+    return embeddings
+
+
+def embed_images(model, paths, image_size, batch_size=64, desc='embed images', progress=True):
+    """Embeddings [len(paths), D] of image files on the CPU, as train.py embeds its test set:
+    the test transform of the model's input convention at image_size, eval mode."""
+    transform = build_transforms(model.backbone_spec, image_size)[1]
+    dataset = ImageDataset(paths, [0] * len(paths), transform)  # embed() ignores the labels
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return embed(model, loader, desc=desc, progress=progress).cpu()

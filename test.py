@@ -6,7 +6,7 @@ it is left out of its own results, which are framed green (its class) or red (an
 Any other image is embedded by the run's saved model, exactly as train.py embedded the test
 set; it has no class, so its results are framed grey.
 
-    python test.py --data_base results/car_resnet50_positive_proxy_512_20_data_base.pth \
+    python test.py --data_base results/car_resnet50_positive_proxy_512_20_seed0_data_base.pth \
                    --query_img_name data/car/car_ims/008055.jpg my_car.jpg my_photos/ --retrieval_num 8
 
 Each query gets {output_dir}/{folder}_{image}/ with query_img.jpg, retrieval_img_{rank}_{similarity}.jpg
@@ -16,15 +16,14 @@ import argparse
 import glob
 import os
 import re
-import sys
 from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from model import Model
-from train import embed
-from utils import ImageDataset, atomic_path, build_transforms, load_database, read_rgb, resolve_device, run_name
+from model import Model, embed_images
+from utils import (add_device_argument, atomic_path, database_split, load_database, read_rgb, resolve_device,
+                   run_script, stored_run_name)
 
 GREEN, RED, GREY = (0, 160, 0), (210, 0, 0), (150, 150, 150)
 GRID_TILE, SUMMARY_TILE = 240, 120  # pixels of a framed image: the grid is for reading, the summary for scanning
@@ -40,13 +39,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Retrieve the gallery images most similar to query images.')
     parser.add_argument('--query_img_name', nargs='+', default=['data/car/car_ims/008055.jpg'],
                         help='query images, or folders of them: images of the database or any others')
-    parser.add_argument('--data_base', default='results/car_resnet50_positive_proxy_512_20_data_base.pth',
+    parser.add_argument('--data_base', default='results/car_resnet50_positive_proxy_512_20_seed0_data_base.pth',
                         help='feature database written by train.py')
     parser.add_argument('--model', default=None,
                         help='the model file of the run that wrote the database, to embed queries from outside it '
                              "(default: {output_dir}/{run name}_model.pth from the database's arguments)")
     parser.add_argument('--retrieval_num', type=int, default=8, help='how many images to retrieve per query')
-    parser.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'], help='auto: CUDA when present')
+    add_device_argument(parser)
     parser.add_argument('--output_dir', default='results')
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
@@ -64,9 +63,9 @@ def stored_queries(database):
     In-shop's separate queries (query_*), which are not in the gallery."""
     stored = {}
     for split in ('query', 'test'):
-        for i, path in enumerate(database.get(f'{split}_images', [])):
-            stored[os.path.abspath(path)] = Query(database[f'{split}_embeddings'][i], database[f'{split}_labels'][i],
-                                                  i if split == 'test' else None)
+        images, labels, embeddings = database_split(database, split)
+        for i, path in enumerate(images):
+            stored[os.path.abspath(path)] = Query(embeddings[i], labels[i], i if split == 'test' else None)
     return stored
 
 
@@ -116,28 +115,20 @@ def check_distinct_folders(paths, output_dir):
 
 def default_model_path(database):
     run = database['args']
-    return os.path.join(run['output_dir'], f'{run_name(argparse.Namespace(**run))}_model.pth')
+    return os.path.join(run['output_dir'], f'{stored_run_name(run)}_model.pth')
 
 
-def embed_images(model, run, paths):
-    """Embeddings of image files as train.py embeds its test set: test transform, eval mode, its batches."""
-    transform = build_transforms(model.backbone_spec, run['image_size'])[1]
-    dataset = ImageDataset(paths, [0] * len(paths), transform)  # embed() ignores the labels
-    return embed(model, torch.utils.data.DataLoader(dataset, batch_size=run['batch_size']), desc='embed queries').cpu()
+def embed_queries(model, paths):
+    """Embeddings of query images as train.py embedded its test set: same size, same batches."""
+    return embed_images(model, paths, model.run_args['image_size'], model.run_args['batch_size'], 'embed queries')
 
 
 def load_model(path, database, database_path, device):
     """The network that wrote the database's embeddings, checked against them, on device."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'model file {path} not found: it embeds the queries that are not images of '
-                                f'--data_base {database_path}; pass --model PATH, the _model.pth of that run') from None
-    except Exception as e:
-        raise ValueError(f'--model {path} is not a readable model file ({type(e).__name__}: {e})') from None
-    if not isinstance(checkpoint, dict) or not {'model', 'args'} <= checkpoint.keys():
-        raise ValueError(f'--model {path} is not a model file written by train.py (no model or args)')
-    run, stored = checkpoint['args'], database['test_embeddings']
+    model = Model.from_file(path, not_found=(
+        f'model file {path} not found: it embeds the queries that are not images of --data_base {database_path}; '
+        f'pass --model PATH, the _model.pth of that run'))
+    run, stored = model.run_args, database['test_embeddings']
     differences = [f'{key} {run[key]} vs {database["args"][key]}' for key in EMBEDDING_ARGS
                    if run[key] != database['args'][key]]
     if stored.shape[1] != run['feature_dim']:
@@ -145,16 +136,14 @@ def load_model(path, database, database_path, device):
     if differences:
         raise ValueError(f'model {path} does not fit --data_base {database_path}: '
                          f'{"; ".join(differences)} (model vs database)')
-    model = Model(run['backbone_type'], run['feature_dim'], pretrained='none', pooling=run['pooling'])
-    model.load_state_dict(checkpoint['model'])
     model.to(device)
     # same architecture is not enough: weights of another run or epoch embed into another space
-    cosine = (embed_images(model, run, database['test_images'][:1])[0] @ stored[0].float()).item()
+    cosine = (embed_queries(model, database['test_images'][:1])[0] @ stored[0].float()).item()
     if cosine < MIN_REPRODUCED_COSINE:
         raise ValueError(f'model {path} does not reproduce the embeddings of --data_base {database_path} '
                          f'(cosine {cosine:.3f} on {database["test_images"][0]}): they come from different runs '
                          f'or epochs; pass --model with the _model.pth of the run that wrote the database')
-    return model, run
+    return model
 
 # -----------------------------------------------------------------------------
 # retrieval
@@ -261,8 +250,8 @@ def main(argv=None):
     for path in outside:
         check_outside_image(path, args.data_base)
     if outside:  # only these need the model
-        model, run = load_model(args.model or default_model_path(database), database, args.data_base, args.device)
-        for path, embedding in zip(outside, embed_images(model, run, outside)):
+        model = load_model(args.model or default_model_path(database), database, args.data_base, args.device)
+        for path, embedding in zip(outside, embed_queries(model, outside)):
             queries[path] = Query(embedding, None, None)
 
     # every retrieval before any file, so that an error leaves no partial output
@@ -288,7 +277,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
+    run_script(main)

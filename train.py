@@ -3,9 +3,9 @@
     python train.py --data_name cub --backbone_type inception --loss_name normalized_softmax
     torchrun --nproc_per_node=4 train.py --data_name cub ...   # data-parallel, same flags
 
-Every epoch: one pass over the training classes, then the test metrics (also before training,
-as epoch 0). Files go to --output_dir, named by utils.run_name(); the checkpoint written after
-every epoch is what --resume continues from.
+main() reads top to bottom: data -> model -> for every epoch: train_epoch -> evaluate_epoch ->
+save_epoch. Epoch 0 evaluates the untrained network. Files go to --output_dir, named by
+utils.run_name(); the checkpoint written after every epoch is what --resume continues from.
 """
 import argparse
 import functools
@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -24,19 +25,17 @@ from tqdm import tqdm
 
 from data_utils import PREPARERS, load_splits
 from loss import LOSSES, build_loss
-from model import BACKBONES, POOLINGS, Model
-from utils import (METRICS, ImageDataset, atomic_path, build_transforms, evaluate, flatten_split, plot_embedding_map,
-                   plot_statistics, resolve_device, run_name)
+from model import BACKBONES, POOLINGS, Model, embed, preferred_memory_format
+from utils import (METRICS, ImageDataset, RetrievalData, add_device_argument, atomic_path, build_database,
+                   build_transforms, evaluate, load_torch_file, plot_embedding_map, plot_statistics, resolve_device,
+                   run_defining, run_name, run_script, save_torch_file)
 
 NMI_MAX_CLASSES = 1000
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-# What a checkpoint was trained with: resuming under other values would silently train another run.
-RUN_DEFINING = ('data_name', 'crop', 'max_size', 'backbone_type', 'pooling', 'freeze_bn', 'loss_name', 'feature_dim', 'scale',
-                'batch_size', 'num_epochs', 'lr', 'proxy_lr', 'weight_decay', 'lr_decay_step', 'lr_decay_gamma',
-                'image_size', 'seed', 'amp')
+CHECKPOINT_KEYS = ('model', 'loss', 'optimizer', 'scheduler', 'scaler', 'epoch', 'statistics', 'args')
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description='Train a proxy-based embedding network for image retrieval.')
     parser.add_argument('--data_path', default='data', help='folder holding one sub-folder per dataset')
     parser.add_argument('--data_name', default='car', choices=list(PREPARERS))
@@ -63,7 +62,7 @@ def parse_args(argv=None):
     parser.add_argument('--metrics', default=None,
                         help=f'comma-separated subset of {",".join(METRICS)}; default: all, '
                              f'without nmi when the test set has over {NMI_MAX_CLASSES} classes (k-means is slow there)')
-    parser.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'], help='auto: CUDA when present')
+    add_device_argument(parser)
     parser.add_argument('--amp', default='none', choices=list(AMP_DTYPES),
                         help='mixed precision of the network (the loss stays fp32); fp16 is for CUDA')
     parser.add_argument('--compile', action='store_true', help='torch.compile the network')
@@ -72,7 +71,11 @@ def parse_args(argv=None):
     parser.add_argument('--output_dir', default='results')
     parser.add_argument('--resume', default=None,
                         help="a checkpoint PATH, or 'auto': this run's checkpoint in --output_dir if there is one")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def checked(parser, args):
+    """The parsed arguments in the form the run uses, or an error naming the flag."""
     try:
         args.recalls = [int(k) for k in args.recalls.split(',')]
     except ValueError:
@@ -85,6 +88,14 @@ def parse_args(argv=None):
     if args.amp == 'fp16' and args.device != 'cuda':  # CPUs run fp16 convolutions without hardware support
         parser.error('--amp fp16 is for CUDA (on CPUs it runs about 20x slower than fp32); '
                      'on the CPU use --amp bf16 or none')
+    return args
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = checked(parser, parser.parse_args(argv))
+    defaults = checked(parser, parser.parse_args([]))
+    args.run_name = run_name(args, vars(defaults))
     return args
 
 
@@ -101,6 +112,9 @@ def init_distributed(args):
     device = torch.device('cuda', torch.cuda.current_device()) if args.device == 'cuda' else torch.device('cpu')
     return dist.get_rank(), world_size, device
 
+# -----------------------------------------------------------------------------
+# the model, the loss and what steps them
+
 
 class ProxyTraining(nn.Module):
     """The network and the loss (which holds the proxies) as one module: under DDP the proxies'
@@ -116,16 +130,60 @@ class ProxyTraining(nn.Module):
         return self.loss_fn(embeddings, labels), embeddings  # the loss upcasts: proxy math in fp32
 
 
-def memory_format(device):
-    # channels-last feeds the tensor cores of convolutions on GPUs; on the CPU it does not pay
-    return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+@dataclass
+class Training:
+    """Everything a training epoch steps, built once by build_training; a checkpoint is its state."""
+    model: Model  # the plain network, whose state is saved
+    network: nn.Module  # what runs it: the model, or its torch.compile wrapper
+    loss_fn: nn.Module  # holds the proxies
+    trainer: nn.Module  # ProxyTraining, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    world_size: int = 1
+    num_epochs: int = 1
+
+    STATE = ('model', 'optimizer', 'scheduler', 'scaler')
+
+    def state_dict(self):
+        return {'loss': self.loss_fn.state_dict(), **{key: getattr(self, key).state_dict() for key in self.STATE}}
+
+    def load_state_dict(self, state):
+        self.loss_fn.load_state_dict(state['loss'])
+        for key in self.STATE:
+            getattr(self, key).load_state_dict(state[key])
 
 
 def build_optimizer(model, loss_fn, args):
-    # the recipe of the proxy-based methods: AdamW, proxies learning 100x faster (step decay in main)
+    # the recipe of the proxy-based methods: AdamW, proxies learning 100x faster (step decay in build_training)
     return torch.optim.AdamW([{'params': model.parameters(), 'lr': args.lr},
                               {'params': loss_fn.parameters(), 'lr': args.proxy_lr}],
                              weight_decay=args.weight_decay)
+
+
+def build_training(args, num_classes, device, world_size=1, memory_format=None):
+    """The network, proxies, optimizer, schedule and gradient scaler of a run, on device.
+    memory_format: how images are laid out (default: preferred_memory_format(device))."""
+    memory_format = memory_format or preferred_memory_format(device)
+    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn)
+    model = model.to(device, memory_format=memory_format)
+    network = torch.compile(model) if args.compile else model
+    amp_dtype = AMP_DTYPES[args.amp]
+    loss_fn = build_loss(args.loss_name, num_classes, args.feature_dim, args.scale).to(device)
+    trainer = ProxyTraining(network, loss_fn, amp_dtype)
+    if world_size > 1:
+        trainer = DistributedDataParallel(trainer, device_ids=[device.index] if device.type == 'cuda' else None)
+    optimizer = build_optimizer(model, loss_fn, args)
+    return Training(model, network, loss_fn, trainer, optimizer,
+                    scheduler=torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_gamma),
+                    scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
+                    amp_dtype=amp_dtype, memory_format=memory_format, world_size=world_size,
+                    num_epochs=args.num_epochs)
+
+# -----------------------------------------------------------------------------
+# data loading
 
 
 def build_loader(images, labels, transform, train, args, device, rank=0, world_size=1):
@@ -146,32 +204,20 @@ def build_loader(images, labels, transform, train, args, device, rank=0, world_s
         persistent_workers=args.num_workers > 0 and not train)
 
 
-@torch.no_grad()
-def embed(network, loader, world_size=1, amp_dtype=None, desc='embed', progress=True):
-    """Embeddings of every image of the loader's dataset, in dataset order, each computed once.
+def build_loaders(data, training, args, device, rank, world_size):
+    """The augmented training loader, and one unaugmented loader per split to embed: the test set
+    (the gallery), In-shop's queries, and the train set (embedded once, for the database)."""
+    train_transform, test_transform = build_transforms(training.model.backbone_spec, args.image_size)
+    loader = functools.partial(build_loader, args=args, device=device, rank=rank, world_size=world_size)
+    train_loader = loader(*data.split('train'), train_transform, train=True)
+    if len(train_loader) == 0:
+        raise ValueError(f'--batch_size {args.batch_size} is larger than the {len(data.images["train"])} '
+                         f'training images')
+    embed_loaders = {split: loader(*data.split(split), test_transform, train=False) for split in data.images}
+    return train_loader, embed_loaders
 
-    With several ranks, rank r's loader holds images r, r + world_size, ... (a strided shard: no
-    padding duplicates, unlike DistributedSampler); the shards are gathered back into order.
-    """
-    network.eval()
-    device = next(network.parameters()).device
-    dataset_size = len(loader.dataset)
-    shard = []
-    for images, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            shard.append(network(images.to(device, non_blocking=True, memory_format=memory_format(device))).float())
-    shard = torch.cat(shard) if shard else torch.empty(0, network.refactor.out_features, device=device)
-    if world_size == 1:
-        return shard
-    # all_gather wants equal sizes: pad every shard to the longest, then cut the padding off
-    longest = math.ceil(dataset_size / world_size)
-    padded = torch.cat([shard, shard.new_zeros(longest - len(shard), shard.shape[1])])
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded)
-    embeddings = shard.new_empty(dataset_size, shard.shape[1])
-    for rank, part in enumerate(gathered):
-        embeddings[rank::world_size] = part[:len(range(rank, dataset_size, world_size))]
-    return embeddings
+# -----------------------------------------------------------------------------
+# one epoch: train, evaluate, save
 
 
 def all_finite(loss, world_size):
@@ -191,53 +237,118 @@ def sync_buffers(model, world_size):
             dist.broadcast(buffer, src=0)
 
 
-def train_epoch(trainer, loader, optimizer, scaler, epoch, args, world_size, progress):
+def train_epoch(training, loader, epoch, progress=True):
+    """One pass over the loader's batches, then the learning-rate schedule's step:
+    (mean loss, proxy-classification accuracy) over every rank's share. A non-finite loss
+    raises FloatingPointError before it reaches the weights."""
+    trainer, world_size = training.trainer, training.world_size
     trainer.train()
     device = next(trainer.parameters()).device
-    predict = trainer.module.loss_fn.predict if world_size > 1 else trainer.loss_fn.predict
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f'train {epoch}/{args.num_epochs}', dynamic_ncols=True, disable=not progress)
+    bar = tqdm(loader, desc=f'train {epoch}/{training.num_epochs}', dynamic_ncols=True, disable=not progress)
     for images, labels in bar:
-        images = images.to(device, non_blocking=True, memory_format=memory_format(device))
+        images = images.to(device, non_blocking=True, memory_format=training.memory_format)
         labels = labels.to(device, non_blocking=True)
         loss, embeddings = trainer(images, labels)
         if not all_finite(loss, world_size):
             raise FloatingPointError(f'the loss became {loss.item()} in epoch {epoch}')
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # fp16: scaled so small gradients do not flush to zero
-        scaler.step(optimizer)
-        scaler.update()
+        training.optimizer.zero_grad(set_to_none=True)
+        training.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not flush to zero
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
         total_loss += loss.item() * len(labels)
-        correct += (predict(embeddings) == labels).sum().item()
+        correct += (training.loss_fn.predict(embeddings) == labels).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f'{total_loss / seen:.4f}', acc=f'{100 * correct / seen:.2f}%')
+    training.scheduler.step()
+    sync_buffers(training.model, world_size)
     totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
     if world_size > 1:  # the epoch's numbers over every rank's share
         dist.all_reduce(totals)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
-def save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def evaluate_epoch(training, loaders, data, args, epoch, progress=True):
+    """Embed the test set (and In-shop's queries) and compute every test metric; at the final
+    epoch also embed the train set, for the database. Returns ({split: embeddings}, metrics)."""
+    def embed_split(split):
+        return embed(training.network, loaders[split], training.world_size, training.amp_dtype,
+                     f'embed {split} set', progress, training.memory_format)
+    splits = ['test', 'query'] if data.images['query'] else ['test']
+    if epoch == args.num_epochs:  # one extra pass, so only for the final model
+        splits.append('train')
+    embeddings = {split: embed_split(split) for split in splits}
+    if 'query' in embeddings:  # In-shop: queries search the gallery
+        metrics = evaluate(embeddings['query'], data.labels['query'], args.recalls, embeddings['test'],
+                           data.labels['test'], args.metrics)
+    else:
+        metrics = evaluate(embeddings['test'], data.labels['test'], args.recalls, metrics=args.metrics)
+    return embeddings, metrics
+
+
+def save_epoch(training, data, embeddings, statistics, args, name):
+    """Every file of the epoch, each written atomically: the statistics CSV and figure, the model,
+    the feature database and, last, the checkpoint: a checkpoint on disk means its epoch is complete."""
+    epoch = statistics[-1]['epoch']
+    table = pd.DataFrame(statistics)
+    with atomic_path(f'{name}_statistics.csv') as tmp:
+        table.to_csv(tmp, index=False)
+    plot_statistics(table, f'{name}_results.png')
+    save_torch_file({'model': training.model.state_dict(), 'proxies': training.loss_fn.state_dict(), 'epoch': epoch,
+                     'args': vars(args)}, f'{name}_model.pth')
+    save_torch_file(build_database(data, embeddings, training.loss_fn.proxies, epoch, vars(args)),
+                    f'{name}_data_base.pth')
+    save_torch_file({**training.state_dict(), 'epoch': epoch, 'statistics': statistics, 'args': vars(args)},
+                    f'{name}_checkpoint.pth')
+
+# -----------------------------------------------------------------------------
+# starting and resuming a run
 
 
 def load_checkpoint(path, args):
     """The checkpoint at `path`, checked to come from a run with the same defining arguments."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'--resume {path}: no such checkpoint') from None
-    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
-        raise ValueError(f'--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})') from None
-    expected = {'model', 'loss', 'optimizer', 'scheduler', 'scaler', 'epoch', 'statistics', 'args'}
-    if not isinstance(checkpoint, dict) or not expected <= set(checkpoint):
-        raise ValueError(f'--resume {path}: not a checkpoint written by train.py')
-    differences = [f'--{key} {checkpoint["args"].get(key)!r} there, {getattr(args, key)!r} now'
-                   for key in RUN_DEFINING if checkpoint['args'].get(key) != getattr(args, key)]
+    checkpoint = load_torch_file(path, 'checkpoint', CHECKPOINT_KEYS, not_found=f'--resume {path}: no such checkpoint')
+    differences = [f'--{key} {checkpoint["args"].get(key)!r} there, {value!r} now'
+                   for key, value in run_defining(args).items() if checkpoint['args'].get(key) != value]
     if differences:
         raise ValueError(f'--resume {path} belongs to another run: ' + '; '.join(differences))
     return checkpoint
+
+
+def resume(training, args, name, is_main):
+    """(statistics so far, first epoch to run): from the checkpoint --resume names, else a fresh start."""
+    path = f'{name}_checkpoint.pth' if args.resume == 'auto' else args.resume
+    if args.resume == 'auto' and not os.path.exists(path):
+        if is_main:
+            print(f'--resume auto: no checkpoint {path} yet, starting from epoch 0')
+        return [], 0
+    if path is None:
+        return [], 0
+    checkpoint = load_checkpoint(path, args)
+    training.load_state_dict(checkpoint)
+    if is_main:
+        print(f'resuming from {path} after epoch {checkpoint["epoch"]}')
+    return checkpoint['statistics'], checkpoint['epoch'] + 1
+
+
+def announce(args, data, name, device, world_size):
+    """Write the run's arguments, and say what it trains on."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    with atomic_path(f'{name}_args.json') as tmp, open(tmp, 'w') as f:
+        json.dump(vars(args), f, indent=2)
+    print(f'{args.data_name}: {len(data.train_classes)} train classes / {len(data.images["train"])} images, '
+          f'{len(data.test_classes)} test classes / {len(data.images["test"])} images; {args.backbone_type} on {device}'
+          + (f' x {world_size} processes' if world_size > 1 else '') + f'; files {name}_*')
+
+
+def finish(args, data, embeddings, name):
+    """The t-SNE map of the final test embeddings, once (it takes seconds), and the list of files."""
+    if embeddings is None:
+        print(f'{name}_checkpoint.pth is already past the last epoch ({args.num_epochs}); nothing to do')
+        return
+    plot_embedding_map(embeddings['test'], data.labels['test'], data.test_classes, f'{name}_embedding_map.png')
+    print(f'saved {name}_{{statistics.csv,results.png,results.pdf,embedding_map.png,embedding_map.pdf,'
+          f'model.pth,data_base.pth,checkpoint.pth,args.json}}')
 
 
 def main(argv=None):
@@ -246,64 +357,17 @@ def main(argv=None):
     is_main = rank == 0  # only rank 0 prints, writes files and plots
     torch.manual_seed(args.seed)  # the same initial network on every rank
 
-    # data: proxies and labels index the sorted class names of each split
-    splits = load_splits(args.data_path, args.data_name, args.crop, args.max_size)
-    train_classes = sorted(splits['train'])
-    train_images, train_labels = flatten_split(splits['train'], train_classes)
-    # the test images are the gallery; In-shop also has separate queries (query -> gallery)
-    gallery = splits.get('gallery', splits.get('test'))
-    test_classes = sorted(set(gallery) | set(splits.get('query', {})))
-    test_images, test_labels = flatten_split(gallery, test_classes)
-    query_images, query_labels = flatten_split(splits['query'], test_classes) if 'query' in splits else ([], [])
+    # data: labels index the sorted class names of each split; the test set is the gallery
+    data = RetrievalData.from_splits(load_splits(args.data_path, args.data_name, args.crop, args.max_size))
     if args.metrics is None:
-        args.metrics = [m for m in METRICS if m != 'nmi' or len(test_classes) <= NMI_MAX_CLASSES]
-
-    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn).to(device)
-    model = model.to(memory_format=memory_format(device))
-    network = torch.compile(model) if args.compile else model
-    amp_dtype = AMP_DTYPES[args.amp]
-    train_transform, test_transform = build_transforms(model.backbone_spec, args.image_size)
-    loader = functools.partial(build_loader, args=args, device=device, rank=rank, world_size=world_size)
-    train_loader = loader(train_images, train_labels, train_transform, train=True)
-    if len(train_loader) == 0:
-        raise ValueError(f'--batch_size {args.batch_size} is larger than the {len(train_images)} training images')
-    test_loader = loader(test_images, test_labels, test_transform, train=False)
-    query_loader = loader(query_images, query_labels, test_transform, train=False)
-    # train embeddings go into the feature database: unaugmented, like the test set
-    train_eval_loader = loader(train_images, train_labels, test_transform, train=False)
-
-    loss_fn = build_loss(args.loss_name, len(train_classes), args.feature_dim, args.scale).to(device)
-    trainer = ProxyTraining(network, loss_fn, amp_dtype)
-    if world_size > 1:
-        trainer = DistributedDataParallel(trainer, device_ids=[device.index] if device.type == 'cuda' else None)
-    optimizer = build_optimizer(model, loss_fn, args)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-
-    name = os.path.join(args.output_dir, run_name(args))
-    statistics, first_epoch = [], 0
-    resume = f'{name}_checkpoint.pth' if args.resume == 'auto' else args.resume
-    if args.resume == 'auto' and not os.path.exists(resume):
-        resume = None
-        if is_main:
-            print(f'--resume auto: no checkpoint {name}_checkpoint.pth yet, starting from epoch 0')
-    if resume:
-        checkpoint = load_checkpoint(resume, args)
-        model.load_state_dict(checkpoint['model'])
-        loss_fn.load_state_dict(checkpoint['loss'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
-        scaler.load_state_dict(checkpoint['scaler'])
-        statistics, first_epoch = checkpoint['statistics'], checkpoint['epoch'] + 1
-        if is_main:
-            print(f'resuming from {resume} after epoch {checkpoint["epoch"]}')
+        args.metrics = [m for m in METRICS if m != 'nmi' or len(data.test_classes) <= NMI_MAX_CLASSES]
+    # model: network, proxies, optimizer; then the loaders, in the network's input convention
+    training = build_training(args, len(data.train_classes), device, world_size)
+    train_loader, embed_loaders = build_loaders(data, training, args, device, rank, world_size)
+    name = os.path.join(args.output_dir, args.run_name)
+    statistics, first_epoch = resume(training, args, name, is_main)
     if is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with atomic_path(f'{name}_args.json') as tmp, open(tmp, 'w') as f:
-            json.dump(vars(args), f, indent=2)
-        print(f'{args.data_name}: {len(train_classes)} train classes / {len(train_images)} images, '
-              f'{len(test_classes)} test classes / {len(test_images)} images; {args.backbone_type} on {device}'
-              + (f' x {world_size} processes' if world_size > 1 else ''))
+        announce(args, data, name, device, world_size)
 
     for epoch in range(first_epoch, args.num_epochs + 1):
         start = time.time()
@@ -311,63 +375,27 @@ def main(argv=None):
         # so resuming after epoch e replays epoch e + 1 exactly
         torch.manual_seed(args.seed * 1_000_003 + epoch)
         train_loader.sampler.set_epoch(epoch)
-        if epoch == 0:  # the untrained network, as the baseline every epoch is compared with
-            loss, accuracy = math.nan, math.nan
-        else:
-            try:
-                loss, accuracy = train_epoch(trainer, train_loader, optimizer, scaler, epoch, args, world_size, is_main)
-            except FloatingPointError as e:
-                sys.exit(f'error: {e}; stopping. The files of epoch {epoch - 1} are kept in {args.output_dir}/. '
-                         f'A lower --lr or --proxy_lr may help.')
-            scheduler.step()
-            sync_buffers(model, world_size)
-        test_embeddings = embed(network, test_loader, world_size, amp_dtype, 'embed test set', is_main)
-        if query_images:
-            query_embeddings = embed(network, query_loader, world_size, amp_dtype, 'embed queries', is_main)
-            metrics = evaluate(query_embeddings, query_labels, args.recalls, test_embeddings, test_labels, args.metrics)
-        else:
-            metrics = evaluate(test_embeddings, test_labels, args.recalls, metrics=args.metrics)
+        # train; epoch 0 is the untrained network, the baseline every epoch is compared with
+        try:
+            loss, accuracy = train_epoch(training, train_loader, epoch, is_main) if epoch else (math.nan, math.nan)
+        except FloatingPointError as e:
+            sys.exit(f'error: {e}; stopping. The files of epoch {epoch - 1} are kept in {args.output_dir}/. '
+                     f'A lower --lr or --proxy_lr may help.')
+        # evaluate on the unseen classes
+        embeddings, metrics = evaluate_epoch(training, embed_loaders, data, args, epoch, is_main)
         statistics.append({'epoch': epoch, 'loss': loss, 'accuracy': accuracy, **metrics})
-        database = {'test_images': test_images, 'test_labels': test_labels, 'test_classes': test_classes,
-                    'test_embeddings': test_embeddings.cpu(), 'proxies': loss_fn.proxies.detach().cpu(),
-                    'train_classes': train_classes, 'epoch': epoch, 'args': vars(args)}
-        if query_images:
-            database.update(query_images=query_images, query_labels=query_labels,
-                            query_embeddings=query_embeddings.cpu())
-        if epoch == args.num_epochs:  # one extra pass, so only for the final model
-            database.update(train_images=train_images, train_labels=train_labels,
-                            train_embeddings=embed(network, train_eval_loader, world_size, amp_dtype,
-                                                   'embed train set', is_main).cpu())
-        if not is_main:
-            continue
-        print(f'epoch {epoch}/{args.num_epochs}  loss {loss:.4f}  acc {100 * accuracy:.2f}%  '
-              + '  '.join(f'{metric.replace("recall@", "R@")} {100 * value:.2f}%' for metric, value in metrics.items())
-              + f'  ({time.time() - start:.0f}s)')
-        table = pd.DataFrame(statistics)
-        with atomic_path(f'{name}_statistics.csv') as tmp:
-            table.to_csv(tmp, index=False)
-        plot_statistics(table, f'{name}_results.png')
-        save({'model': model.state_dict(), 'proxies': loss_fn.state_dict(), 'epoch': epoch, 'args': vars(args)},
-             f'{name}_model.pth')
-        save(database, f'{name}_data_base.pth')
-        # written last: a checkpoint on disk means every other file of its epoch is there too
-        save({'model': model.state_dict(), 'loss': loss_fn.state_dict(), 'optimizer': optimizer.state_dict(),
-              'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
-              'statistics': statistics, 'args': vars(args)}, f'{name}_checkpoint.pth')
+        # save every file of the epoch, then say so
+        if is_main:
+            save_epoch(training, data, embeddings, statistics, args, name)
+            print(f'epoch {epoch}/{args.num_epochs}  loss {loss:.4f}  acc {100 * accuracy:.2f}%  '
+                  + '  '.join(f'{key.replace("recall@", "R@")} {100 * value:.2f}%' for key, value in metrics.items())
+                  + f'  ({time.time() - start:.0f}s)', flush=True)
 
-    if is_main and first_epoch <= args.num_epochs:
-        # once, from the final test embeddings in hand: t-SNE takes seconds, too long for every epoch
-        plot_embedding_map(test_embeddings, test_labels, test_classes, f'{name}_embedding_map.png')
-        print(f'saved {name}_{{statistics.csv,results.png,results.pdf,embedding_map.png,embedding_map.pdf,'
-              f'model.pth,data_base.pth,checkpoint.pth,args.json}}')
-    elif is_main:
-        print(f'{resume} is already past the last epoch ({args.num_epochs}); nothing to do')
+    if is_main:
+        finish(args, data, embeddings if first_epoch <= args.num_epochs else None, name)
     if world_size > 1:
         dist.destroy_process_group()
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
+    run_script(main)

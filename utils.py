@@ -1,27 +1,34 @@
-"""What train.py and test.py share: atomic writes, run file names, images and transforms,
-the retrieval metrics; and the figures and tables of runs, also a command line:
+"""What the scripts share, in four sections:
+
+- files and runs: atomic writes, the one loader of torch files, run names, the --device flag,
+  the error tail of every script;
+- images and transforms, and the feature database that train.py writes and test.py reads;
+- evaluation: exact Recall@K, MAP@R, R-Precision and NMI;
+- reports: the figures and tables of runs, also from the command line:
 
     python utils.py plot results/*_statistics.csv [--out PREFIX]
     python utils.py table results/*_statistics.csv [--out FILE]
     python utils.py map results/{run}_data_base.pth [--out FILE]
+
+The plotting stack (matplotlib, SciencePlots, pandas) is imported only where a report is made,
+so that data_utils.py and test.py start without it.
 """
 import argparse
 import contextlib
+import hashlib
+import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
-import matplotlib
-matplotlib.use('Agg')  # figures go to files; no display needed
-import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
-import scienceplots  # noqa: F401  (registers the 'science' matplotlib styles)
 import torch
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 import torchvision.transforms as T
 from PIL import Image
+
+# -----------------------------------------------------------------------------
+# files and runs
 
 
 @contextlib.contextmanager
@@ -42,6 +49,50 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def save_torch_file(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch_file(path, what, required_keys=(), writer='train.py', not_found=None):
+    """The dict that torch.save wrote to `path`, loaded safely (weights_only) on the CPU and
+    checked to hold required_keys. Every failure is one short error naming the file:
+    FileNotFoundError (`not_found`, or a default message), else ValueError."""
+    try:
+        contents = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(not_found or f'{path}: no such {what}') from None
+    except Exception as e:  # unpickling, zip and index errors, or objects weights_only refuses; all cryptic
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        reason = reason if len(reason) <= 160 else reason[:159] + '…'  # torch's advice runs to paragraphs
+        raise ValueError(f'{path}: not a {what} written by {writer} '
+                         f'(torch.load with weights_only=True fails: {type(e).__name__}: {reason})') from None
+    if not isinstance(contents, dict):
+        contents_keys, held = {}, f'; it holds a {type(contents).__name__}'
+    else:
+        contents_keys, held = contents, ''
+    missing = [key for key in required_keys if key not in contents_keys]
+    if missing or held:
+        raise ValueError(f'{path}: not a {what} written by {writer}: '
+                         + (f'no {", ".join(missing)}' if missing else 'not a dict') + held)
+    return contents
+
+
+def run_script(main, argv=None):
+    """The tail of every script: bad input ends in one 'error: ...' line, not a traceback."""
+    try:
+        main(argv)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+
+
+def choose(registry, key, what):
+    """registry[key] of a table (BACKBONES, POOLINGS, LOSSES, ...), or an error listing the choices."""
+    if key not in registry:
+        raise ValueError(f'unknown {what} {key!r}; choose one of {", ".join(registry)}')
+    return registry[key]
+
+
 def resolve_device(name):
     """'auto' -> 'cuda' when a GPU is present, else 'cpu'; asking for 'cuda' without one is an error."""
     if name == 'auto':
@@ -51,12 +102,45 @@ def resolve_device(name):
     return name
 
 
-def run_name(args):
-    """Prefix of every file a run writes, e.g. car_resnet50_positive_proxy_512_20."""
-    return f'{args.data_name}_{args.backbone_type}_{args.loss_name}_{args.feature_dim}_{args.num_epochs}'
+def add_device_argument(parser):
+    """The --device flag of every script; resolve it after parsing with resolve_device."""
+    parser.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'], help='auto: CUDA when present')
+
+
+# Arguments that say where a run reads or writes, or how fast it goes, but not what it computes:
+# changing them keeps the run's name. Every other argument defines the run.
+NOT_RUN_DEFINING = ('data_path', 'output_dir', 'resume', 'num_workers', 'device', 'compile', 'run_name')
+# the readable head of every name: the seed's {data}_{backbone}_{loss}_{dim}_{epochs}
+NAME_FIELDS = ('data_name', 'backbone_type', 'loss_name', 'feature_dim', 'num_epochs')
+
+
+def run_defining(args):
+    """{argument: value} of what defines a run: what --resume compares, and what names it."""
+    return {key: value for key, value in sorted(vars(args).items()) if key not in NOT_RUN_DEFINING}
+
+
+def run_name(args, defaults):
+    """Prefix of every file a run writes: the seed's readable {data}_{backbone}_{loss}_{dim}_{epochs},
+    a short hash of the other defining arguments that differ from their defaults (only when some
+    do), and the seed, e.g. car_resnet50_positive_proxy_512_20_seed0 or
+    synthetic_resnet18_positive_proxy_512_10_3f09a1_seed1. Runs with other arguments therefore
+    never write over each other's files, and runs that differ only in seed differ only in the tail.
+    Defaults are compared, not hashed in full, so a new flag with a neutral default renames nothing."""
+    changed = {key: value for key, value in run_defining(args).items()
+               if key not in NAME_FIELDS and key != 'seed' and value != defaults.get(key)}
+    head = '_'.join(str(getattr(args, field)) for field in NAME_FIELDS)
+    head = head.replace(os.sep, '-').replace(':', '-')  # a timm:NAME backbone stays one file name
+    digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f'{head}{"_" + digest if changed else ""}_seed{args.seed}'
+
+
+def stored_run_name(run_args):
+    """The run name kept in a saved file's arguments (a dict); files written before names carried
+    the hash and the seed have the bare readable head."""
+    return run_args.get('run_name') or '_'.join(str(run_args[field]) for field in NAME_FIELDS)
 
 # -----------------------------------------------------------------------------
-# images
+# images and transforms
 
 
 def read_rgb(path):
@@ -103,7 +187,64 @@ def build_transforms(backbone_spec, image_size):
     return train, test
 
 # -----------------------------------------------------------------------------
-# retrieval metrics
+# the feature database: written by train.py after every epoch, read by test.py and `utils.py map`
+
+# Each split the database holds (test: the gallery; In-shop's query; train, at the final epoch)
+# is stored as {split}_images (paths), {split}_labels (indices into test_classes, or
+# train_classes for train) and {split}_embeddings [N, D]; besides them: test_classes,
+# train_classes, the proxies, the epoch and the run's arguments.
+DATABASE_SPLIT_FIELDS = ('images', 'labels', 'embeddings')
+DATABASE_KEYS = ('test_embeddings', 'test_labels', 'test_classes', 'test_images')  # what every database has
+
+
+@dataclass
+class RetrievalData:
+    """A data set's splits as flat lists. images[split] are paths and labels[split] class indices,
+    for 'train' into train_classes, for 'test' (the gallery) and 'query' (In-shop's queries, which
+    search the gallery; empty elsewhere) into test_classes."""
+    images: dict
+    labels: dict
+    train_classes: list
+    test_classes: list
+
+    @classmethod
+    def from_splits(cls, splits):
+        """From load_splits' {split: {class name: [paths]}}; labels index the sorted class names."""
+        train_classes = sorted(splits['train'])
+        gallery = splits.get('gallery', splits.get('test'))
+        test_classes = sorted(set(gallery) | set(splits.get('query', {})))
+        flat = {'train': flatten_split(splits['train'], train_classes), 'test': flatten_split(gallery, test_classes),
+                'query': flatten_split(splits.get('query', {}), test_classes)}
+        return cls({split: paths for split, (paths, _) in flat.items()},
+                   {split: labels for split, (_, labels) in flat.items()}, train_classes, test_classes)
+
+    def split(self, name):
+        return self.images[name], self.labels[name]
+
+
+def build_database(data, embeddings, proxies, epoch, args):
+    """The database of one epoch: the class names, the proxies, and for each split embedded this
+    epoch ({split: [N, D] embeddings}) its images, labels and embeddings; args: the run's (a dict)."""
+    database = {'test_classes': data.test_classes, 'train_classes': data.train_classes,
+                'proxies': proxies.detach().cpu(), 'epoch': epoch, 'args': args}
+    for split, split_embeddings in embeddings.items():
+        values = (data.images[split], data.labels[split], split_embeddings.detach().cpu())
+        database.update({f'{split}_{field}': value for field, value in zip(DATABASE_SPLIT_FIELDS, values)})
+    return database
+
+
+def load_database(path):
+    """The feature database train.py wrote to `path`, checked to hold at least the test split."""
+    return load_torch_file(path, 'database', DATABASE_KEYS, not_found=(
+        f'{path} does not exist; train.py writes the database to its --output_dir'))
+
+
+def database_split(database, split):
+    """(image paths, labels, embeddings) of one split of a database; empty lists when it has none."""
+    return tuple(database.get(f'{split}_{field}', []) for field in DATABASE_SPLIT_FIELDS)
+
+# -----------------------------------------------------------------------------
+# evaluation: retrieval metrics
 
 METRICS = ('recall', 'map@r', 'r_precision', 'nmi')
 INDEX_BITS = 32  # a gallery index fits in the low half of a 64-bit sort key
@@ -185,7 +326,8 @@ def check_embeddings(embeddings, name):
         raise ValueError(f'{name}: {bad} of {len(embeddings)} embeddings hold NaN or inf')
 
 
-def retrieval_metrics(queries, query_labels, gallery, gallery_labels, ks, metrics, same_set, block_bytes):
+def retrieval_metrics(queries, query_labels, gallery, gallery_labels, ks, metrics, same_set, block_bytes,
+                      on_neighbours=None):
     # R of each query: how many gallery items share its class (itself not counted)
     classes, inverse = torch.unique(torch.cat([query_labels, gallery_labels]), return_inverse=True)
     query_classes, gallery_classes = inverse[:len(query_labels)], inverse[len(query_labels):]
@@ -197,6 +339,8 @@ def retrieval_metrics(queries, query_labels, gallery, gallery_labels, ks, metric
         raise ValueError('no query has another image of its class in the gallery')
     k = max(max(ks), relevant.max().item())
     neighbours = nearest_neighbours(queries, gallery, k, same_set, block_bytes)
+    if on_neighbours is not None:
+        on_neighbours(neighbours)
     sums = torch.zeros(len(ks) + 2, dtype=torch.float64, device=queries.device)
     block = max(1, block_bytes // (16 * k))
     for start in range(0, len(queries), block):
@@ -269,7 +413,7 @@ def nmi(labels, clusters):
 
 
 def evaluate(embeddings, labels, ks=(1, 2, 4, 8), gallery=None, gallery_labels=None, metrics=METRICS,
-             block_bytes=1 << 28):
+             block_bytes=1 << 28, on_neighbours=None):
     """Retrieval metrics of L2-normalised embeddings (cosine similarity), as fractions in [0, 1].
 
     Every embedding queries the others, or, given a gallery, the gallery (query->gallery
@@ -277,7 +421,8 @@ def evaluate(embeddings, labels, ks=(1, 2, 4, 8), gallery=None, gallery_labels=N
     same-class item among the K nearest), r_precision and map@r (Musgrave et al., ECCV 2020),
     and nmi (k-means with one cluster per class, seed 0, against the labels; on the queries).
     Neighbours are exact: highest similarity first, ties to the lower gallery index. Memory
-    is bounded by block_bytes (plus the embeddings), never N x N.
+    is bounded by block_bytes (plus the embeddings), never N x N. on_neighbours, if given, is
+    called with the [queries, k] gallery indices of the nearest neighbours (for benchmarks).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -301,7 +446,7 @@ def evaluate(embeddings, labels, ks=(1, 2, 4, 8), gallery=None, gallery_labels=N
     results = {}
     if {'recall', 'map@r', 'r_precision'} & set(metrics):
         results.update(retrieval_metrics(embeddings, labels, gallery, gallery_labels, ks, metrics, same_set,
-                                         block_bytes))
+                                         block_bytes, on_neighbours))
     if 'nmi' in metrics:
         num_classes = len(torch.unique(labels))
         results['nmi'] = nmi(labels, kmeans(embeddings, num_classes, block_bytes=block_bytes))
@@ -314,7 +459,17 @@ def recall(embeddings, labels, ks):
     return [results[f'recall@{k}'] for k in ks]
 
 # -----------------------------------------------------------------------------
-# plots and tables of runs (also from the command line: python utils.py plot|table|map)
+# reports: plots and tables of runs (also from the command line: python utils.py plot|table|map)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files, with SciencePlots' styles registered: imported on first use."""
+    import matplotlib
+    matplotlib.use('Agg')  # figures go to files; no display needed
+    import matplotlib.pyplot as plt
+    import scienceplots  # noqa: F401  (registers the 'science' matplotlib styles)
+    return plt
+
 
 RUN_COLUMNS = ('epoch', 'loss', 'accuracy')  # every other column of a statistics CSV is a test metric
 RUN_FILE_SUFFIXES = ('_statistics.csv', '_results.png', '_data_base.pth')
@@ -345,6 +500,7 @@ def metric_columns(tables):
 
 def statistics_problems(table):
     """Why a table is not a statistics table of train.py; empty when it is one."""
+    import pandas as pd
     if table.empty:
         return ['no rows']
     problems = [f'no {column!r} column' for column in RUN_COLUMNS if column not in table.columns]
@@ -356,6 +512,7 @@ def statistics_problems(table):
 
 def read_statistics(paths):
     """{run label: table} of train.py's statistics CSVs, each run labelled by its file name."""
+    import pandas as pd
     if not paths:
         raise ValueError('no statistics CSV given')
     runs = {}
@@ -375,6 +532,7 @@ def read_statistics(paths):
 
 def save_figure(fig, path):
     """Write a figure to `path` (PNG) and beside it as PDF, each atomically, and close it."""
+    plt = pyplot()
     for out in (path, os.path.splitext(path)[0] + '.pdf'):
         with atomic_path(out) as tmp:
             fig.savefig(tmp, dpi=200)
@@ -384,6 +542,8 @@ def save_figure(fig, path):
 def plot_runs(runs, path):
     """Training loss, proxy accuracy and every test metric per epoch, a panel each, one line per run
     ({label: statistics table}) in every panel; writes `path` (PNG) and its PDF, returns the figure."""
+    from matplotlib.ticker import MaxNLocator
+    plt = pyplot()
     panels = [('loss', 'training loss', 1), ('accuracy', 'proxy accuracy (%)', 100)]
     panels += [(column, f'{metric_label(column)} (%)', 100) for column in metric_columns(runs.values())]
     columns = min(3, len(panels))
@@ -460,6 +620,8 @@ def plot_embedding_map(embeddings, labels, class_names, path, max_points=2000, s
     """t-SNE map of embeddings coloured by class (labels index class_names); writes `path` (PNG) and
     its PDF, returns the figure. Over 20 classes no palette tells them apart: hues then go round a
     cyclic colour map in golden-ratio steps, so consecutive classes differ, and there is no legend."""
+    from matplotlib.lines import Line2D
+    plt = pyplot()
     coordinates, labels = embedding_coordinates(embeddings, labels, max_points, seed)
     classes, index = np.unique(labels, return_inverse=True)
     few = len(classes) <= 20
@@ -475,21 +637,6 @@ def plot_embedding_map(embeddings, labels, class_names, path, max_points=2000, s
             fig.legend(handles=handles, loc='outside right upper', fontsize=5, frameon=False)
     save_figure(fig, path)
     return fig
-
-
-def load_database(path):
-    """The feature database train.py writes: test (gallery) images, labels, class names, embeddings..."""
-    try:
-        database = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'{path} does not exist; train.py writes the database to its --output_dir') from None
-    except Exception as e:  # torch.load fails on other files with many types (unpickling, zip, index errors)
-        raise ValueError(f'{path}: not a database written by train.py ({type(e).__name__}: {e})') from None
-    keys = database if isinstance(database, dict) else {}
-    missing = [key for key in ('test_embeddings', 'test_labels', 'test_classes', 'test_images') if key not in keys]
-    if missing:
-        raise ValueError(f'{path}: not a database written by train.py: no {", ".join(missing)}')
-    return database
 
 
 def main(argv=None):
@@ -527,7 +674,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
+    run_script(main)

@@ -89,17 +89,8 @@ def record(indices):
 
 def run_utils(x, y):
     import utils
-    if not hasattr(utils.nearest_neighbours, 'recording'):  # retrieval_metrics looks it up in utils each call
-        original = utils.nearest_neighbours
-
-        def recording(*a, **kw):
-            indices = original(*a, **kw)
-            record(indices)
-            return indices
-        recording.recording = True
-        utils.nearest_neighbours = recording
     # the project's call as train.py makes it (default ks), less NMI, which the others don't compute
-    r = utils.evaluate(x, y, metrics=('recall', 'map@r', 'r_precision'))
+    r = utils.evaluate(x, y, metrics=('recall', 'map@r', 'r_precision'), on_neighbours=record)
     return {'r@1': r['recall@1'], 'map@r': r['map@r'], 'r_precision': r['r_precision']}
 
 

@@ -33,9 +33,8 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from data_utils import load_splits, prepare_synthetic, split_path  # noqa: E402
-from loss import build_loss  # noqa: E402
-from model import BACKBONES, Model  # noqa: E402
-from utils import atomic_path, build_transforms, flatten_split, read_rgb, resolve_device  # noqa: E402
+from model import BACKBONES, preferred_memory_format  # noqa: E402
+from utils import add_device_argument, atomic_path, build_transforms, flatten_split, read_rgb, resolve_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:3]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +44,7 @@ parser.add_argument('--batch_size', type=int, default=64)
 parser.add_argument('--amp', default='none', choices=list(train.AMP_DTYPES))
 parser.add_argument('--num_workers', default='0,1,2', help='comma-separated DataLoader worker counts to compare')
 parser.add_argument('--epochs', type=int, default=2, help='timed epochs (and pure rounds) per worker setting')
-parser.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
+add_device_argument(parser)
 parser.add_argument('--data_path', help='where the synthetic set is, or is generated; default: a temporary folder')
 parser.add_argument('--source_size', type=int, default=64,
                     help="side of the synthetic images generated (data_utils' --image_size); 64 is its default")
@@ -70,9 +69,8 @@ decoded = read_rgb(train_images[0]).size
 # -----------------------------------------------------------------------------
 # one configuration: pure rounds and loop epochs, side by side for each worker count
 
-# train_epoch and train.py lay images out with train.memory_format(device): channels-last on
-# CUDA, always. Replacing it for a configuration measures what that choice buys.
-TRAIN_MEMORY_FORMAT = train.memory_format
+# train.py lays images out in preferred_memory_format(device): channels-last on CUDA, always.
+# Asking build_training for another layout measures what that choice buys.
 MEMORY_FORMATS = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}
 
 
@@ -91,22 +89,15 @@ def measure(backbone_type, image_size, amp, layout):
                                  '--device', args.device])
     targs = train_args(workers_list[0])
     device = torch.device(targs.device)
-    train.memory_format = (TRAIN_MEMORY_FORMAT if layout == 'auto'
-                           else lambda device: MEMORY_FORMATS[layout])
-    memory_format = train.memory_format(device)
+    memory_format = preferred_memory_format(device) if layout == 'auto' else MEMORY_FORMATS[layout]
     # --pretrained none: random weights cost the same compute as pretrained ones, and need no file
-    model = Model(backbone_type, targs.feature_dim, targs.pretrained, targs.pooling, targs.freeze_bn).to(device)
-    model = model.to(memory_format=memory_format)
-    loss_fn = build_loss(targs.loss_name, len(train_classes), targs.feature_dim, targs.scale).to(device)
-    trainer = train.ProxyTraining(model, loss_fn, train.AMP_DTYPES[amp])
-    optimizer = train.build_optimizer(model, loss_fn, targs)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')  # as train.py: only fp16 scales
-    train_transform, _ = build_transforms(model.backbone_spec, image_size)
+    training = train.build_training(targs, len(train_classes), device, memory_format=memory_format)
+    train_transform, _ = build_transforms(training.model.backbone_spec, image_size)
 
     # already where train_epoch would move it, so its .to() is a no-op and the step is all there is
     images = torch.randn(args.batch_size, 3, image_size, image_size, device=device).to(memory_format=memory_format)
     labels = torch.randint(len(train_classes), (args.batch_size,), device=device)
-    train.train_epoch(trainer, [(images, labels)] * 3, optimizer, scaler, 1, targs, 1, False)  # warm-up
+    train.train_epoch(training, [(images, labels)] * 3, 1, progress=False)  # warm-up
 
     rates = {}
     for workers in workers_list:
@@ -116,16 +107,15 @@ def measure(backbone_type, image_size, amp, layout):
         pure, loop = [], []
         for epoch in range(args.epochs + 1):  # epoch 0 warms up the files' page cache and the workers' start
             loader.sampler.set_epoch(epoch)  # as train.py: a new order every epoch
-            loop_time = timed(lambda: train.train_epoch(trainer, loader, optimizer, scaler, epoch, targs, 1, False))
+            loop_time = timed(lambda: train.train_epoch(training, loader, epoch, progress=False))
             if epoch:
-                pure_time = timed(lambda: train.train_epoch(trainer, batches, optimizer, scaler, epoch, targs, 1, False))
+                pure_time = timed(lambda: train.train_epoch(training, batches, epoch, progress=False))
                 loop.append(len(loader) * args.batch_size / loop_time)
                 pure.append(len(batches) * args.batch_size / pure_time)
         rates[workers] = statistics.median(pure), statistics.median(loop)
         print(f'  {backbone_type} {image_size}px {amp} {layout}, {workers} workers: pure '
               + ' '.join(f'{r:.1f}' for r in pure) + ', loop ' + ' '.join(f'{r:.1f}' for r in loop) + ' img/s',
               flush=True)
-    train.memory_format = TRAIN_MEMORY_FORMAT
     return rates, 'channels_last' if memory_format == torch.channels_last else 'contiguous'
 
 

@@ -28,4 +28,4 @@ def trained_run(synthetic_path, tmp_path_factory):
             '--num_workers', '0', '--output_dir', output_dir]
     train.main(argv)
     args = train.parse_args(argv)
-    return {'args': args, 'prefix': f'{output_dir}/synthetic_resnet18_positive_proxy_512_5'}
+    return {'args': args, 'prefix': f'{output_dir}/{args.run_name}'}

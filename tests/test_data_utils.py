@@ -9,11 +9,17 @@ import scipy.io
 import torch
 from PIL import Image
 
-from data_utils import load_splits, main, prepare_cars, prepare_cub, prepare_inshop, prepare_sop, split_path
-from utils import read_rgb
+import data_utils
+from data_utils import load_splits, prepare_cars, prepare_cub, prepare_inshop, prepare_sop, split_path
+from utils import read_rgb, run_script
 
 # -----------------------------------------------------------------------------
 # image writers: each creates (or, for the broken ones, botches) the file at `path`
+
+
+def main(argv):
+    """data_utils.py as run from the command line: an error ends in one 'error: ...' line."""
+    run_script(data_utils.main, argv)
 
 
 def write_image(path, size=(48, 32), mode='RGB'):

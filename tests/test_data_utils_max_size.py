@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_utils import load_splits, main, prepare_cub, prepare_synthetic, split_path
+import data_utils
+from data_utils import load_splits, prepare_cub, prepare_synthetic, split_path
+from utils import run_script
 
 MAX_SIZE = 32
 # file -> (class id, size, box as x y width height): 1 and 2 train, 101 test. Non-square on both
@@ -20,6 +22,11 @@ CUB_IMAGES = {
     'alpha.png': (101, (64, 48), (0, 0, 64, 48)),
 }
 COPY_OF = {os.path.splitext(name)[0] + '.jpg': name for name in CUB_IMAGES}  # copies are JPEGs
+
+
+def main(argv):
+    """data_utils.py as run from the command line: an error ends in one 'error: ...' line."""
+    run_script(data_utils.main, argv)
 
 
 def make_cub(data_path):

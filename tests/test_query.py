@@ -122,8 +122,8 @@ def test_a_copy_of_a_database_image_retrieves_what_the_image_itself_does(databas
     copy.parent.mkdir()
     shutil.copy(original, copy)
     # the saved model embeds it as train.py embedded the test set: its stored embedding again
-    model, run = query_tool.load_model(model_file, database, database_file, 'cpu')
-    assert torch.allclose(query_tool.embed_images(model, run, [str(copy)])[0],
+    model = query_tool.load_model(model_file, database, database_file, 'cpu')
+    assert torch.allclose(query_tool.embed_queries(model, [str(copy)])[0],
                           database['test_embeddings'][137], atol=1e-5)
 
     run_query(database_file, [original], tmp_path / 'out', 5)

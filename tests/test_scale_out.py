@@ -3,8 +3,6 @@ mixed precision."""
 import os
 import subprocess
 import sys
-import time
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -12,9 +10,8 @@ import torch
 
 import data_utils
 import train
-from loss import build_loss
-from model import Model
-from utils import ImageDataset, build_transforms, evaluate
+from model import Model, embed_images, preferred_memory_format
+from utils import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,21 +31,23 @@ def train_args(data_path, output_dir, *extra):
             '--device', 'cpu', '--output_dir', str(output_dir), *extra]
 
 
+def prefix_of(argv):
+    """Where the files of the run train.py makes from these arguments go: {output_dir}/{run name}."""
+    args = train.parse_args(argv)
+    return os.path.join(args.output_dir, args.run_name)
+
+
 def reembed_test_set(prefix, database):
     """The saved model, loaded into a plain (uncompiled, single-process) Model, embedding the test
     images of the database; checked to give the embeddings the run stored."""
-    model = Model('resnet18', 512, pretrained='none')
-    model.load_state_dict(torch.load(f'{prefix}_model.pth', weights_only=True)['model'])
-    _, test_transform = build_transforms(model.backbone_spec, 32)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(database['test_images'], database['test_labels'], test_transform), batch_size=7)
-    embeddings = train.embed(model, loader)
+    model = Model.from_file(f'{prefix}_model.pth')
+    embeddings = embed_images(model, database['test_images'], image_size=32, batch_size=7)
     torch.testing.assert_close(embeddings, database['test_embeddings'], atol=1e-5, rtol=1e-4)
     return embeddings
 
 
-def statistics(output_dir, epochs=3):
-    return pd.read_csv(f'{output_dir}/synthetic_resnet18_positive_proxy_512_{epochs}_statistics.csv')
+def statistics(data_path, output_dir, *extra):
+    return pd.read_csv(f'{prefix_of(train_args(data_path, output_dir, *extra))}_statistics.csv')
 
 
 def torchrun(data_path, output_dir, *extra):
@@ -68,61 +67,69 @@ def two_process_run(small_synthetic, tmp_path_factory):
 
 
 def small_training(device, amp):
-    """resnet18 and positive_proxy as train.py sets them up on `device`, and one batch of 4 images."""
+    """resnet18 (16-d) and positive_proxy over 3 classes, as train.py sets them up on `device`, and
+    one batch of 4 images."""
     torch.manual_seed(0)
-    network = Model('resnet18', 16, pretrained='none').to(device, memory_format=train.memory_format(device))
-    loss_fn = build_loss('positive_proxy', 3, 16).to(device)
-    trainer = train.ProxyTraining(network, loss_fn, train.AMP_DTYPES[amp])
-    optimizer = train.build_optimizer(network, loss_fn, train.parse_args(['--device', device.type]))
-    images = torch.randn(4, 3, 32, 32).to(device, memory_format=train.memory_format(device))
-    return trainer, optimizer, [(images, torch.tensor([0, 1, 2, 0], device=device))]
+    args = train.parse_args(['--backbone_type', 'resnet18', '--pretrained', 'none', '--feature_dim', '16',
+                             '--device', device.type, '--num_epochs', '1'])
+    args.amp = amp  # fp16 on the CPU too, which the command line refuses there (it is slow), to test the scaler
+    training = train.build_training(args, 3, device)
+    images = torch.randn(4, 3, 32, 32).to(device, memory_format=preferred_memory_format(device))
+    return training, [(images, torch.tensor([0, 1, 2, 0], device=device))]
 
 
+def first_batches(loader, n):
+    return [batch for batch, _ in zip(loader, range(n))]
+
+
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(small_synthetic, tmp_path, monkeypatch):
     train.main(train_args(small_synthetic, tmp_path / 'whole'))
 
-    steps = []
-    all_finite = train.all_finite
+    train_epoch = train.train_epoch
 
-    def killed_in_epoch_2(loss, world_size):  # 5 steps per epoch: the 7th is epoch 2's second
-        steps.append(1)
-        if len(steps) == 7:
-            raise KeyboardInterrupt
-        return all_finite(loss, world_size)
-    monkeypatch.setattr(train, 'all_finite', killed_in_epoch_2)
+    def killed_in_epoch_2(training, loader, epoch, progress=True):
+        if epoch == 2:
+            train_epoch(training, first_batches(loader, 2), epoch, progress)  # two steps change the weights...
+            raise KeyboardInterrupt  # ...then the job dies, mid-epoch
+        return train_epoch(training, loader, epoch, progress)
+    monkeypatch.setattr(train, 'train_epoch', killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(small_synthetic, tmp_path / 'killed'))
     monkeypatch.undo()
-    checkpoint = tmp_path / 'killed' / 'synthetic_resnet18_positive_proxy_512_3_checkpoint.pth'
+    checkpoint = f'{prefix_of(train_args(small_synthetic, tmp_path / "killed"))}_checkpoint.pth'
     assert torch.load(checkpoint, weights_only=True)['epoch'] == 1
 
     train.main(train_args(small_synthetic, tmp_path / 'killed', '--resume', 'auto'))
-    resumed, whole = statistics(tmp_path / 'killed'), statistics(tmp_path / 'whole')
+    resumed = statistics(small_synthetic, tmp_path / 'killed')
+    whole = statistics(small_synthetic, tmp_path / 'whole')
     assert resumed['epoch'].tolist() == [0, 1, 2, 3]
     pd.testing.assert_frame_equal(resumed, whole, check_exact=True)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_corrupt_or_mismatched_checkpoint(small_synthetic, tmp_path):
     out = tmp_path / 'run'
     train.main(train_args(small_synthetic, out, '--num_epochs', '1'))
-    checkpoint = out / 'synthetic_resnet18_positive_proxy_512_1_checkpoint.pth'
+    checkpoint = f'{prefix_of(train_args(small_synthetic, out, "--num_epochs", "1"))}_checkpoint.pth'
     with pytest.raises(ValueError, match=r'--lr 0\.001 there, 0\.01 now'):
-        train.main(train_args(small_synthetic, out, '--num_epochs', '1', '--lr', '1e-2', '--resume', 'auto'))
+        train.main(train_args(small_synthetic, out, '--num_epochs', '1', '--lr', '1e-2', '--resume', checkpoint))
     corrupt = tmp_path / 'corrupt.pth'
-    corrupt.write_bytes(checkpoint.read_bytes()[:1000])
-    with pytest.raises(ValueError, match='not a readable checkpoint'):
+    with open(checkpoint, 'rb') as f:
+        corrupt.write_bytes(f.read()[:1000])
+    with pytest.raises(ValueError, match='not a checkpoint written by train.py'):
         train.main(train_args(small_synthetic, out, '--num_epochs', '1', '--resume', str(corrupt)))
     with pytest.raises(FileNotFoundError, match='no such checkpoint'):
         train.main(train_args(small_synthetic, out, '--resume', str(tmp_path / 'missing.pth')))
     # and the statistics of the finished run are untouched by the refused attempts
-    assert statistics(out, epochs=1)['epoch'].tolist() == [0, 1]
+    assert statistics(small_synthetic, out, '--num_epochs', '1')['epoch'].tolist() == [0, 1]
 
 
 @pytest.mark.slow
 def test_two_process_run_evaluates_every_test_image_once_like_a_single_process(small_synthetic, two_process_run):
     out, stdout, stderr = two_process_run
     assert stdout.count('epoch 2/2') == 1, stderr[-3000:]  # finished, and only rank 0 prints
-    prefix = out / 'synthetic_resnet18_positive_proxy_512_2'
+    prefix = prefix_of(train_args(small_synthetic, out, '--num_epochs', '2'))
     database = torch.load(f'{prefix}_data_base.pth', weights_only=True)
     test_split = data_utils.load_splits(small_synthetic, 'synthetic')['test']
     assert database['test_images'] == [path for name in sorted(test_split) for path in test_split[name]]
@@ -130,21 +137,22 @@ def test_two_process_run_evaluates_every_test_image_once_like_a_single_process(s
 
     # a single process re-embeds the test set with the saved model: same embeddings, same metrics
     embeddings = reembed_test_set(prefix, database)
-    logged = statistics(out, epochs=2).iloc[-1]
+    logged = statistics(small_synthetic, out, '--num_epochs', '2').iloc[-1]
     for metric, value in evaluate(embeddings, database['test_labels']).items():
         assert logged[metric] == pytest.approx(value, abs=1e-6), metric
 
 
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumed_ends_like_an_uninterrupted_one(small_synthetic, two_process_run, tmp_path):
-    checkpoint = tmp_path / 'synthetic_resnet18_positive_proxy_512_2_checkpoint.pth'
+    checkpoint = f'{prefix_of(train_args(small_synthetic, tmp_path, "--num_epochs", "2"))}_checkpoint.pth'
     job = torchrun(small_synthetic, tmp_path)
-    written = set()  # the checkpoint is replaced after every epoch: one modification time each
-    while len(written) < 2:  # epochs 0 and 1 done: killed in epoch 2, with a trained network to restore
-        assert job.poll() is None, job.communicate()[1][-3000:]
-        if checkpoint.exists():
-            written.add(checkpoint.stat().st_mtime_ns)
-        time.sleep(0.02)
+    # rank 0 prints an epoch's line once its files, the checkpoint last, are written:
+    # after epoch 1's line the job is killed in epoch 2, with a trained network to restore
+    for line in job.stdout:
+        if line.startswith('epoch 1/2'):
+            break
+    else:
+        pytest.fail(f'the job ended before epoch 1: {job.communicate()[1][-3000:]}')
     # SIGTERM, as a scheduler preempts a job: torchrun passes it on to both ranks, which die at once
     job.terminate()
     job.communicate(timeout=60)
@@ -152,41 +160,43 @@ def test_a_killed_two_process_run_resumed_ends_like_an_uninterrupted_one(small_s
 
     stdout, stderr = torchrun(small_synthetic, tmp_path, '--resume', 'auto').communicate(timeout=600)
     assert 'resuming from' in stdout and stdout.count('epoch 2/2') == 1, stderr[-3000:]
-    pd.testing.assert_frame_equal(statistics(tmp_path, epochs=2), statistics(two_process_run[0], epochs=2),
+    pd.testing.assert_frame_equal(statistics(small_synthetic, tmp_path, '--num_epochs', '2'),
+                                  statistics(small_synthetic, two_process_run[0], '--num_epochs', '2'),
                                   check_exact=True)
 
 
 @pytest.mark.slow
 def test_a_compiled_run_saves_a_model_that_reloads_uncompiled(small_synthetic, tmp_path):
-    train.main(train_args(small_synthetic, tmp_path, '--num_epochs', '1', '--compile'))
-    prefix = tmp_path / 'synthetic_resnet18_positive_proxy_512_1'
+    argv = train_args(small_synthetic, tmp_path, '--num_epochs', '1', '--compile')
+    train.main(argv)
+    prefix = prefix_of(argv)
     reembed_test_set(prefix, torch.load(f'{prefix}_data_base.pth', weights_only=True))
 
 
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
 def test_mixed_precision_runs_the_network_in_half_precision_and_the_loss_in_fp32(amp, device):
-    trainer, _, [(images, labels)] = small_training(device, amp)
-    loss, embeddings = trainer(images, labels)
+    training, [(images, labels)] = small_training(device, amp)
+    loss, embeddings = training.trainer(images, labels)
     assert embeddings.dtype == train.AMP_DTYPES[amp] and loss.dtype == torch.float32
     loss.backward()
-    assert trainer.network.refactor.weight.grad.dtype == torch.float32  # master weights stay fp32
-    assert torch.isfinite(trainer.loss_fn.proxies.grad).all()
+    assert training.model.refactor.weight.grad.dtype == torch.float32  # master weights stay fp32
+    assert torch.isfinite(training.loss_fn.proxies.grad).all()
 
 
 def test_fp16_skips_a_step_whose_gradients_overflow_and_lowers_the_loss_scale(device):
     """train_epoch steps through the GradScaler: an overflowing step leaves every weight and proxy
     as it was (no inf reaches them) and halves the scale; at a sane scale the step is taken."""
-    trainer, optimizer, batch = small_training(device, 'fp16')
-    before = [parameter.detach().clone() for parameter in trainer.parameters()]
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 40)  # dL/df * 2^40 overflows fp16
-    train.train_epoch(trainer, batch, optimizer, scaler, 1, SimpleNamespace(num_epochs=1), 1, False)
-    assert scaler.get_scale() == 2.0 ** 39
-    assert all(torch.equal(old, new) for old, new in zip(before, trainer.parameters()))
+    training, batch = small_training(device, 'fp16')
+    before = [parameter.detach().clone() for parameter in training.trainer.parameters()]
+    training.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 40)  # dL/df * 2^40 overflows fp16
+    train.train_epoch(training, batch, epoch=1, progress=False)
+    assert training.scaler.get_scale() == 2.0 ** 39
+    assert all(torch.equal(old, new) for old, new in zip(before, training.trainer.parameters()))
 
-    scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
-    train.train_epoch(trainer, batch, optimizer, scaler, 1, SimpleNamespace(num_epochs=1), 1, False)
-    assert scaler.get_scale() == 1.0
-    for old, new in zip(before, trainer.parameters()):
+    training.scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
+    train.train_epoch(training, batch, epoch=1, progress=False)
+    assert training.scaler.get_scale() == 1.0
+    for old, new in zip(before, training.trainer.parameters()):
         assert torch.isfinite(new).all() and not torch.equal(old, new)
 
 

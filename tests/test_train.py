@@ -42,43 +42,35 @@ def test_run_writes_csv_figure_args_model_and_database(trained_run):
 
 @pytest.mark.slow
 def test_saved_model_rebuilds_and_reproduces_the_database_embeddings(trained_run):
-    checkpoint = torch.load(f"{trained_run['prefix']}_model.pth", weights_only=True)
-    saved = checkpoint['args']
-    model = Model(saved['backbone_type'], saved['feature_dim'], pretrained='none', pooling=saved['pooling'])
-    model.load_state_dict(checkpoint['model'])
-    model.eval()
+    model = Model.from_file(f"{trained_run['prefix']}_model.pth")
     database = torch.load(f"{trained_run['prefix']}_data_base.pth", weights_only=True)
-    _, test_transform = build_transforms(model.backbone_spec, saved['image_size'])
+    _, test_transform = build_transforms(model.backbone_spec, model.run_args['image_size'])
     dataset = ImageDataset(database['test_images'][:8], database['test_labels'][:8], test_transform)
     with torch.no_grad():
         embeddings = model(torch.stack([dataset[i][0] for i in range(8)]))
     torch.testing.assert_close(embeddings, database['test_embeddings'][:8], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_epoch(synthetic_path, tmp_path, monkeypatch):
-    build_loss = train.build_loss
+    train_epoch = train.train_epoch
 
-    def loss_that_diverges_in_epoch_2(*args):
-        loss_fn = build_loss(*args)
-        forward, calls = loss_fn.forward, []
-
-        def diverging(embeddings, labels):
-            calls.append(1)
-            loss = forward(embeddings, labels)
-            return loss * float('nan') if len(calls) > 2 else loss
-        loss_fn.forward = diverging
-        return loss_fn
-    monkeypatch.setattr(train, 'build_loss', loss_that_diverges_in_epoch_2)
-    # 5 training classes x 10 images at batch 25: two steps per epoch, so the third is in epoch 2
+    def diverging_in_epoch_2(training, loader, epoch, progress=True):
+        if epoch == 2:  # the proxies blow up: the first loss of the epoch is NaN
+            with torch.no_grad():
+                training.loss_fn.proxies.fill_(float('nan'))
+        return train_epoch(training, loader, epoch, progress)
+    monkeypatch.setattr(train, 'train_epoch', diverging_in_epoch_2)
     data = tmp_path / 'data'
     data_utils.prepare_synthetic(str(data), num_classes=10, images_per_class=10, image_size=32)
     out = tmp_path / 'results'
+    argv = ['--data_path', str(data), '--data_name', 'synthetic', '--backbone_type', 'resnet18', '--pretrained', 'none',
+            '--image_size', '32', '--batch_size', '25', '--num_epochs', '3', '--num_workers', '0',
+            '--output_dir', str(out)]
     with pytest.raises(SystemExit) as stop:
-        train.main(['--data_path', str(data), '--data_name', 'synthetic', '--backbone_type', 'resnet18',
-                    '--pretrained', 'none', '--image_size', '32', '--batch_size', '25', '--num_epochs', '3',
-                    '--num_workers', '0', '--output_dir', str(out)])
+        train.main(argv)
     assert 'epoch 2' in str(stop.value) and 'epoch 1' in str(stop.value)
-    prefix = out / 'synthetic_resnet18_positive_proxy_512_3'
+    prefix = out / train.parse_args(argv).run_name
     assert pd.read_csv(f'{prefix}_statistics.csv')['epoch'].tolist() == [0, 1]
     assert torch.load(f'{prefix}_model.pth', weights_only=True)['epoch'] == 1
     assert torch.load(f'{prefix}_data_base.pth', weights_only=True)['epoch'] == 1
@@ -102,20 +94,23 @@ def test_missing_splits_tell_the_user_to_run_data_utils(tmp_path):
         train.main(['--data_path', str(tmp_path), '--data_name', 'cub', '--pretrained', 'none'])
 
 
+@pytest.mark.slow
 def test_inshop_is_evaluated_query_to_gallery(tmp_path):
     from test_data_utils import make_inshop
     make_inshop(str(tmp_path))
     data_utils.main(['--data_path', str(tmp_path), '--data_name', 'inshop'])
     splits = data_utils.load_splits(str(tmp_path), 'inshop')
     out = tmp_path / 'results'
-    train.main(['--data_path', str(tmp_path), '--data_name', 'inshop', '--backbone_type', 'resnet18',
-                '--pretrained', 'none', '--image_size', '32', '--batch_size', '2', '--num_epochs', '1',
-                '--recalls', '1', '--num_workers', '0', '--output_dir', str(out)])
-    database = torch.load(out / 'inshop_resnet18_positive_proxy_512_1_data_base.pth', weights_only=True)
+    argv = ['--data_path', str(tmp_path), '--data_name', 'inshop', '--backbone_type', 'resnet18',
+            '--pretrained', 'none', '--image_size', '32', '--batch_size', '2', '--num_epochs', '1',
+            '--recalls', '1', '--num_workers', '0', '--output_dir', str(out)]
+    train.main(argv)
+    prefix = out / train.parse_args(argv).run_name
+    database = torch.load(f'{prefix}_data_base.pth', weights_only=True)
     assert sorted(database['query_images']) == sorted(sum(splits['query'].values(), []))
     assert sorted(database['test_images']) == sorted(sum(splits['gallery'].values(), []))
     # the logged metrics are those of the saved query and gallery embeddings, query -> gallery
-    logged = pd.read_csv(out / 'inshop_resnet18_positive_proxy_512_1_statistics.csv').iloc[-1]
+    logged = pd.read_csv(f'{prefix}_statistics.csv').iloc[-1]
     expected = evaluate(database['query_embeddings'], database['query_labels'], (1,),
                         database['test_embeddings'], database['test_labels'], ('recall', 'map@r'))
     assert logged['recall@1'] == pytest.approx(expected['recall@1'])
