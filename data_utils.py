@@ -1,7 +1,8 @@
 """Build the retrieval splits of CUB-200-2011, Cars196, Stanford Online Products, In-shop
-Clothes and the synthetic default.
+Clothes, the synthetic default, and your own data set (any other name).
 
     python data_utils.py --data_path data --data_name all [--crop] [--max_size N]
+    python data_utils.py --data_path data --data_name my_photos [--test_fraction F]
 
 writes DIR/<name>/uncropped_data_dicts.pth (or cropped_data_dicts.pth; with --max_size N,
 uncropped_maxN_data_dicts.pth and so on) holding
@@ -12,12 +13,17 @@ Retrieval benchmarks split by class, not by image: the network trains on some cl
 is evaluated by searching among unseen ones. CUB and Cars take the first half of their
 class ids for training; SOP and In-shop ship their split in their metadata, and In-shop
 searches its test items' query images among their gallery images rather than among
-each other. Only CUB, Cars and the synthetic set can be cropped (--crop).
+each other. Your own data set brings its split (images.csv's split column, or train/ and test/
+class folders) or has its sorted classes split by --test_fraction. Only CUB, Cars and the
+synthetic set can be cropped (--crop).
 """
 import argparse
+import csv
+import functools
 import itertools
 import math
 import os
+import re
 import shlex
 import warnings
 
@@ -51,7 +57,7 @@ def load_splits(data_path, data_name, crop=False, max_size=None):
     if data_name == 'synthetic' and not os.path.exists(path):
         prepare_synthetic(data_path, crop, max_size=max_size)  # the embedded default needs no download
     if not os.path.exists(path):
-        command = (f'python data_utils.py --data_path {shlex.quote(str(data_path))} --data_name {data_name}'
+        command = (f'python data_utils.py --data_path {shlex.quote(str(data_path))} --data_name {shlex.quote(data_name)}'
                    + (' --crop' if crop else '') + (f' --max_size {max_size}' if max_size else ''))
         raise FileNotFoundError(f'{path} not found; create it with: {command}')
     root = os.path.join(data_path, data_name)
@@ -76,18 +82,27 @@ def clamp_box(box, size):
     return (left, top, right, bottom) if left < right and top < bottom else None
 
 
+def looks_cropped(box, size, tolerance=2):
+    """Whether an image already has the size of its bounding box, i.e. was saved cropped (the copy of
+    Cars196's cars_train/ in fmejbah/car_dataset1 is). A box at the image's origin is left out: it
+    is what a whole-image box looks like too."""
+    left, top, right, bottom = box
+    offset = left > tolerance or top > tolerance
+    return offset and abs(size[0] - (right - left)) <= tolerance and abs(size[1] - (bottom - top)) <= tolerance
+
+
 def split_by_class(records, n_train_classes):
     """Complete (path, class id, name, box) records: ids 1..n_train_classes train, the rest test."""
     return [(*record, 'train' if record[1] <= n_train_classes else 'test') for record in records]
 
 
-def write_splits(data_path, data_name, records, crop, split_names=('train', 'test'), max_size=None):
+def write_splits(data_path, data_name, records, crop, split_names=('train', 'test'), max_size=None, check=None):
     """Keep the records whose image decodes (cropping it, then shrinking it to max_size, if asked),
-    group them by split and class, save."""
+    group them by split and class, save; check(splits), if given, may refuse them first."""
     out = split_path(data_path, data_name, crop, max_size)  # a bad max_size fails before the decoding pass
     root = os.path.join(data_path, data_name)
     splits = {split: {} for split in split_names}
-    skipped = []
+    skipped, precropped = [], []
     # sorting by class id orders the classes in the saved dicts; sorted() is stable, so
     # images keep their metadata order within a class
     for rel_path, class_id, class_name, box, split in tqdm(sorted(records, key=lambda r: r[1]),
@@ -100,7 +115,9 @@ def write_splits(data_path, data_name, records, crop, split_names=('train', 'tes
             skipped.append(path)
             continue
         listed = rel_path  # the original, unless a copy (crop, smaller copy or both) replaces it below
-        if crop:
+        if box is not None and looks_cropped(box, img.size):
+            precropped.append(path)  # cropping it again would cut a corner out of the object
+        elif crop:
             pixels = clamp_box(box, img.size)
             if pixels is None:
                 warnings.warn(f'skipping {path}: bounding box {box} lies outside the {img.width}x{img.height} image')
@@ -120,9 +137,15 @@ def write_splits(data_path, data_name, records, crop, split_names=('train', 'tes
 
     if skipped:
         warnings.warn(f'{data_name}: skipped {len(skipped)} of {len(records)} images (named above)')
+    if precropped:
+        warnings.warn(f'{data_name}: {len(precropped)} of {len(records)} images (e.g. {precropped[0]}) already have '
+                      f'the size of their bounding box, so they were saved cropped: they are listed as they are, '
+                      + ('not cropped again' if crop else 'so this uncropped split holds crops, not whole photos'))
     for split, classes in splits.items():
         if not classes:
             raise ValueError(f'{root}: no usable {split} images ({len(skipped)} of {len(records)} skipped)')
+    if check:
+        check(splits)
     with atomic_path(out) as tmp:
         torch.save(splits, tmp)
     counts = ', '.join(f'{split} {len(classes)} classes / {sum(map(len, classes.values()))} images'
@@ -177,10 +200,10 @@ WITHOUT_BOXES = {'sop': 'the release has no bounding boxes',
                  'inshop': 'its boxes (Anno/list_bbox_inshop.txt) are not read'}
 
 
-def refuse_crop(data_name, crop):
+def refuse_crop(data_name, crop, reason=None):
     # listing uncropped images as the cropped split would pass off whole photos as crops
     if crop:
-        raise ValueError(f'--crop is not supported for {data_name}: {WITHOUT_BOXES[data_name]}; '
+        raise ValueError(f'--crop is not supported for {data_name}: {reason or WITHOUT_BOXES[data_name]}; '
                          'prepare it without --crop')
 
 # -----------------------------------------------------------------------------
@@ -367,6 +390,217 @@ def prepare_inshop(data_path, crop=False, max_size=None):
                         max_size=max_size)
 
 # -----------------------------------------------------------------------------
+# your own data set: any other --data_name, read from DIR/<name>/ as a CSV list or as class folders
+
+OWN_LAYOUT = ('DIR/NAME/images.csv (header path,class or path,class,split; paths relative to it), or class folders: '
+              'DIR/NAME/train/<class>/ + DIR/NAME/test/<class>/ (or query/ + gallery/ instead of test/), '
+              'or DIR/NAME/<class>/ alone')
+OWN_SPLITS = ('train', 'test', 'query', 'gallery')
+SPLIT_SETS = (('train', 'test'), INSHOP_SPLITS)  # search within the test set, or queries among a gallery
+CSV_HEADERS = ({'path', 'class'}, {'path', 'class', 'split'})
+IMAGE_EXTENSIONS = frozenset(ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+DEFAULT_TEST_FRACTION = 0.5
+
+
+def held_out_count(num_classes, fraction, flag, what):
+    """How many of the last sorted classes `fraction` holds out: round(fraction x classes), halves
+    rounded up, at least one class left on either side."""
+    if not 0 < fraction < 1:
+        raise ValueError(f'{flag} must lie strictly between 0 and 1, got {fraction}')
+    held_out = math.floor(num_classes * fraction + 0.5)
+    if not 1 <= held_out <= num_classes - 1:
+        raise ValueError(f'{flag} {fraction} holds out {held_out} of {num_classes} {what}: '
+                         'both sides need at least one class')
+    return held_out
+
+
+def validation_splits(splits, val_fraction):
+    """{'train': the first training classes, 'test': the last val_fraction of them (sorted)}: an
+    evaluation set for choosing hyperparameters that never touches the test classes."""
+    classes = sorted(splits['train'])
+    first_held_out = len(classes) - held_out_count(len(classes), val_fraction, '--val_fraction', 'training classes')
+    return {'train': {name: splits['train'][name] for name in classes[:first_held_out]},
+            'test': {name: splits['train'][name] for name in classes[first_held_out:]}}
+
+
+def generated_folder(name):
+    """The folders data_utils.py itself writes into DIR/NAME/ (--max_size copies): no classes."""
+    return re.fullmatch(r'resized_\d+|cropped', name) is not None
+
+
+def sub_folders(folder):
+    return sorted(name for name in os.listdir(folder)
+                  if not name.startswith('.') and os.path.isdir(os.path.join(folder, name)))
+
+
+def image_files(folder):
+    """The image files in a class folder and its sub-folders, sorted; hidden files and files that
+    are no images by their extension (notes, thumbnail caches) are passed over."""
+    found = []
+    for current, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = sorted(name for name in folders if not name.startswith('.'))
+        found += [os.path.join(current, name) for name in sorted(files)
+                  if not name.startswith('.') and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def class_folder_rows(root, split=None):
+    """(path relative to root, class, split, where) of each image of root/<split>/<class>/, or of
+    root/<class>/ without a split."""
+    base = os.path.join(root, split) if split else root
+    classes = [name for name in sub_folders(base) if not generated_folder(name)]
+    if not classes:
+        raise ValueError(f'{base}: no class folders; expected {OWN_LAYOUT}')
+    rows = []
+    for name in classes:
+        folder = os.path.join(base, name)
+        images = image_files(folder)
+        if not images:
+            raise ValueError(f'{folder}: an empty class, no image files in it (such as .jpg or .png)')
+        rows += [(os.path.relpath(path, root), name, split, folder) for path in images]
+    return rows
+
+
+def folder_rows(root):
+    splits = [split for split in OWN_SPLITS if os.path.isdir(os.path.join(root, split))]
+    if not splits:
+        return class_folder_rows(root)
+    # a val/ or valid/ beside train/ would otherwise be dropped without a word
+    others = [name for name in sub_folders(root) if name not in OWN_SPLITS and not generated_folder(name)]
+    if others:
+        raise ValueError(f'{os.path.join(root, others[0])}: a folder beside the split folders {", ".join(splits)}; '
+                         'expected only train/ and test/ (or train/, query/ and gallery/)')
+    return [row for split in splits for row in class_folder_rows(root, split)]
+
+
+def csv_path_field(text, where, root):
+    if not text:
+        raise ValueError(f'{where}: the path is empty')
+    path = os.path.normpath(text)
+    if os.path.isabs(path) or path == os.pardir or path.startswith(os.pardir + os.sep):
+        raise ValueError(f'{where}: the path {text!r} leads outside {root}; paths are relative to images.csv, '
+                         'inside its folder')
+    return path
+
+
+def csv_class_field(text, where):
+    if not text:
+        raise ValueError(f'{where}: the class is empty')
+    return text
+
+
+def csv_split_field(text, where):
+    if text is not None and text.lower() not in OWN_SPLITS:
+        raise ValueError(f'{where}: the split {text!r} is not one of {", ".join(OWN_SPLITS)}')
+    return text and text.lower()
+
+
+def csv_rows(root, path):
+    """(path relative to root, class, split or None, 'images.csv, line N') of each row of images.csv."""
+    rows, listed = [], {}
+    # utf-8-sig: the byte-order mark a spreadsheet may write is not part of the first column's name
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        reader = csv.reader(f)
+        try:
+            header = [field.strip().lower() for field in next(reader, [])]
+            if set(header) not in CSV_HEADERS or len(header) != len(set(header)):
+                raise ValueError(f"{path}, line 1: expected the header 'path,class' or 'path,class,split' "
+                                 f"(columns in any order), got {','.join(header)!r}")
+            for fields in reader:
+                where = f'{path}, line {reader.line_num}'
+                if not any(field.strip() for field in fields):
+                    continue  # a blank line
+                if len(fields) != len(header):
+                    raise ValueError(f"{where}: expected {len(header)} fields ({','.join(header)}), got {len(fields)}: "
+                                     f"{','.join(fields)!r}")
+                row = dict(zip(header, (field.strip() for field in fields)))
+                image = csv_path_field(row['path'], where, root)
+                if image in listed:
+                    raise ValueError(f'{where}: {image} is listed a second time (first on line {listed[image]})')
+                listed[image] = reader.line_num
+                rows.append((image, csv_class_field(row['class'], where), csv_split_field(row.get('split'), where),
+                             where))
+        except UnicodeDecodeError as e:
+            raise ValueError(f'{path}: not UTF-8 text ({e})') from None
+        except csv.Error as e:
+            raise ValueError(f'{path}, line {reader.line_num}: {e}') from None
+    if not rows:
+        raise ValueError(f'{path}: lists no images')
+    return rows
+
+
+def assign_splits(rows, source, test_fraction):
+    """Rows with their split: their own, or, when they have none, the last test_fraction of the sorted
+    classes test (the zero-shot protocol of CUB and Cars). Returns (rows, split names)."""
+    present = {row[2] for row in rows}
+    if present == {None}:
+        classes = sorted({row[1] for row in rows})
+        fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+        test = set(classes[len(classes) - held_out_count(len(classes), fraction, '--test_fraction', 'classes'):])
+        return [(path, name, 'test' if name in test else 'train', where) for path, name, _, where in rows], \
+            ('train', 'test')
+    if test_fraction is not None:
+        warnings.warn(f'{source} has its own splits; --test_fraction is not used')
+    split_names = next((names for names in SPLIT_SETS if set(names) == present), None)
+    if split_names is None:
+        raise ValueError(f'{source}: {", ".join(s for s in OWN_SPLITS if s in present)} images only; expected train '
+                         'and test, or train, query and gallery (or no split at all, to split the classes by '
+                         '--test_fraction)')
+    # retrieval is evaluated on classes unseen in training: one class on both sides would leak
+    trained = {}
+    for _, name, split, where in rows:
+        if split == 'train':
+            trained.setdefault(name, where)
+    for _, name, split, where in rows:
+        if split != 'train' and name in trained:
+            raise ValueError(f'class {name!r} is both in train ({trained[name]}) and in {split} ({where}); '
+                             'the classes searched must be unseen in training')
+    return rows, split_names
+
+
+def check_own_splits(splits, records, root):
+    """After decoding: no class lost all its images, and the evaluation has queries that can find
+    something. A test class of one image can retrieve nothing: it is kept, as a distractor in the
+    gallery (the metrics leave such queries out), and said."""
+    for split, name in dict.fromkeys((record[4], record[2]) for record in records):
+        if name not in splits[split]:
+            raise ValueError(f'{root}: class {name!r} ({split}) is empty: none of its images could be read (named above)')
+    if 'test' in splits:
+        evaluated, hopeless = 'test', [name for name, paths in splits['test'].items() if len(paths) == 1]
+        why, fate = 'a single image', 'they are no queries (nothing to find) but stay in the gallery as distractors'
+    else:
+        evaluated, hopeless = 'query', [name for name in splits['query'] if name not in splits['gallery']]
+        why, fate = 'no gallery image', 'their queries have nothing to find and are left out of the metrics'
+    if len(hopeless) == len(splits[evaluated]):
+        raise ValueError(f'{root}: every {evaluated} class has {why}, so no query can find anything')
+    if hopeless:
+        warnings.warn(f'{root}: {len(hopeless)} of {len(splits[evaluated])} {evaluated} classes have {why} '
+                      f'({", ".join(map(repr, hopeless[:5]))}{", ..." * (len(hopeless) > 5)}): {fate}')
+
+
+def check_data_name(data_name):
+    # the name is one folder of DIR: a path in it would read (and write) elsewhere
+    if data_name in ('', os.curdir, os.pardir, 'all') or os.sep in data_name or (os.altsep or os.sep) in data_name:
+        raise ValueError(f'--data_name {data_name!r}: expected the name of one folder in --data_path')
+
+
+def prepare_own(data_path, data_name, crop=False, max_size=None, test_fraction=None):
+    """Your own data set in DIR/<data_name>/: images.csv if there is one, else the class folders."""
+    check_data_name(data_name)
+    refuse_crop(data_name, crop, 'your own data set has no bounding boxes')
+    root = os.path.join(data_path, data_name)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'{root} not found; expected your own data set there: {OWN_LAYOUT} '
+                                f'(or one of the built-in data sets: {", ".join(PREPARERS)})')
+    listing = os.path.join(root, 'images.csv')
+    rows = csv_rows(root, listing) if os.path.isfile(listing) else folder_rows(root)
+    rows, split_names = assign_splits(rows, listing if os.path.isfile(listing) else root, test_fraction)
+    # the class name is its id too: classes are saved in sorted order
+    records = [(path, name, name, None, split) for path, name, split, _ in rows]
+    return write_splits(data_path, data_name, records, crop=False, split_names=split_names, max_size=max_size,
+                        check=functools.partial(check_own_splits, records=records, root=root))
+
+# -----------------------------------------------------------------------------
 # synthetic: the embedded default, a small fine-grained set generated on disk
 
 # Each class is one combination of these attribute values. Test classes are combinations
@@ -504,19 +738,34 @@ def skip_reason(data_path, name, crop):
     return None
 
 
+def preparer(name, test_fraction):
+    """The function that prepares DIR/<name>/: a built-in data set's, or your own data set's."""
+    if name in PREPARERS:
+        if test_fraction is not None:
+            raise ValueError(f'--test_fraction is for your own data sets; {name} has a fixed split')
+        return PREPARERS[name]
+    return functools.partial(prepare_own, data_name=name, test_fraction=test_fraction)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Write the class splits of a retrieval dataset.')
     parser.add_argument('--data_path', default='data', help='folder holding one sub-folder per dataset')
-    parser.add_argument('--data_name', required=True, choices=[*PREPARERS, 'all'],
+    parser.add_argument('--data_name', required=True,
                         help='car (Cars196), cub (CUB-200-2011), inshop (In-shop Clothes) or sop (Stanford '
                              'Online Products), read from DATA_PATH/<name>/ (a missing file names the layout '
-                             'expected); synthetic, generated there; all: synthetic and each dataset present')
+                             'expected); synthetic, generated there; all: synthetic and each dataset present; '
+                             'any other name: your own data set in DATA_PATH/<name>/, as images.csv '
+                             '(path,class[,split]) or class folders (train/ + test/, train/ + query/ + gallery/, '
+                             'or the class folders alone)')
     parser.add_argument('--crop', action='store_true',
                         help='save bounding-box crops and list those instead (car, cub and synthetic only)')
     parser.add_argument('--max_size', type=int, default=None, metavar='N',
                         help='list JPEG copies (quality 95) shrunk to a longer side of at most N pixels, aspect '
                              'kept, saved under DATA_PATH/<name>/resized_N/ (after --crop if both), so that '
                              'training decodes small images; images already within N are listed as they are')
+    parser.add_argument('--test_fraction', type=float, default=None, metavar='F',
+                        help='your own data set without a split: the last F of its sorted classes are the test '
+                             f'classes, the others train (default {DEFAULT_TEST_FRACTION})')
     synthetic = parser.add_argument_group('synthetic set (--data_name synthetic)')
     synthetic.add_argument('--num_classes', type=int, default=100, help='half train, half unseen test classes')
     synthetic.add_argument('--images_per_class', type=int, default=20)
@@ -532,7 +781,7 @@ def main(argv=None):
             print(f'{name}: skipped, {reason}')
             continue
         options = synthetic_options if name == 'synthetic' else {}
-        PREPARERS[name](args.data_path, crop=args.crop, max_size=args.max_size, **options)
+        preparer(name, args.test_fraction)(args.data_path, crop=args.crop, max_size=args.max_size, **options)
 
 
 if __name__ == '__main__':

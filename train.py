@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data_utils import PREPARERS, load_splits
+from data_utils import PREPARERS, load_splits, validation_splits
 from loss import LOSSES, build_loss
 from model import BACKBONES, POOLINGS, Model, embed, preferred_memory_format
 from utils import (METRICS, ImageDataset, RetrievalData, add_device_argument, atomic_path, build_database,
@@ -38,7 +38,12 @@ CHECKPOINT_KEYS = ('model', 'loss', 'optimizer', 'scheduler', 'scaler', 'epoch',
 def build_parser():
     parser = argparse.ArgumentParser(description='Train a proxy-based embedding network for image retrieval.')
     parser.add_argument('--data_path', default='data', help='folder holding one sub-folder per dataset')
-    parser.add_argument('--data_name', default='car', choices=list(PREPARERS))
+    parser.add_argument('--data_name', default='car',
+                        help=f'a built-in data set ({", ".join(PREPARERS)}) or your own, '
+                             'prepared by data_utils.py from DATA_PATH/DATA_NAME/')
+    parser.add_argument('--val_fraction', type=float, default=None, metavar='F',
+                        help='evaluate on the last F of the sorted training classes, trained without them, '
+                             'instead of on the test classes: for choosing hyperparameters')
     parser.add_argument('--crop', action='store_true', help='use the bounding-box crops (data_utils.py --crop)')
     parser.add_argument('--max_size', type=int, default=None,
                         help='use the resized copies of data_utils.py --max_size N (cheaper decoding)')
@@ -337,7 +342,8 @@ def announce(args, data, name, device, world_size):
     with atomic_path(f'{name}_args.json') as tmp, open(tmp, 'w') as f:
         json.dump(vars(args), f, indent=2)
     print(f'{args.data_name}: {len(data.train_classes)} train classes / {len(data.images["train"])} images, '
-          f'{len(data.test_classes)} test classes / {len(data.images["test"])} images; {args.backbone_type} on {device}'
+          f'{len(data.test_classes)} {"validation" if args.val_fraction else "test"} classes / '
+          f'{len(data.images["test"])} images; {args.backbone_type} on {device}'
           + (f' x {world_size} processes' if world_size > 1 else '') + f'; files {name}_*')
 
 
@@ -358,7 +364,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial network on every rank
 
     # data: labels index the sorted class names of each split; the test set is the gallery
-    data = RetrievalData.from_splits(load_splits(args.data_path, args.data_name, args.crop, args.max_size))
+    splits = load_splits(args.data_path, args.data_name, args.crop, args.max_size)
+    if args.val_fraction is not None:  # the test classes are then never looked at
+        splits = validation_splits(splits, args.val_fraction)
+    data = RetrievalData.from_splits(splits)
     if args.metrics is None:
         args.metrics = [m for m in METRICS if m != 'nmi' or len(data.test_classes) <= NMI_MAX_CLASSES]
     # model: network, proxies, optimizer; then the loaders, in the network's input convention

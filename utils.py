@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -475,6 +476,7 @@ RUN_COLUMNS = ('epoch', 'loss', 'accuracy')  # every other column of a statistic
 RUN_FILE_SUFFIXES = ('_statistics.csv', '_results.png', '_data_base.pth')
 METRIC_LABELS = {'r_precision': 'R-Precision', 'map@r': 'MAP@R', 'nmi': 'NMI'}
 GOLDEN_RATIO_FRACTION = 0.618034
+SEED_TAIL = re.compile(r'_seed\d+$')  # run names end in _seed{N}: the rest is the same for every seed
 
 
 def run_prefix(path):
@@ -539,11 +541,42 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
-def plot_runs(runs, path):
+def seed_group(label):
+    """What a run shares with the runs that differ from it only in --seed: its name without _seed{N}."""
+    return SEED_TAIL.sub('', label)
+
+
+def group_runs(runs):
+    """{group: {label: table}} of runs ({label: table}), groups in order of their first run."""
+    groups = {}
+    for label, table in runs.items():
+        groups.setdefault(seed_group(label), {})[label] = table
+    return groups
+
+
+def seed_curves(runs):
+    """{label: (mean table, std table or None)}: one entry per seed group, its curves averaged per
+    epoch over its runs (a group of one run is that run, without spread)."""
+    import pandas as pd
+    curves = {}
+    for group, members in group_runs(runs).items():
+        if len(members) == 1:
+            [(label, table)] = members.items()
+            curves[label] = (table, None)
+            continue
+        per_epoch = pd.concat(members.values()).groupby('epoch', sort=True)
+        curves[f'{group} (mean ± std, n={len(members)} seeds)'] = (per_epoch.mean().reset_index(),
+                                                             per_epoch.std().reset_index())
+    return curves
+
+
+def plot_runs(runs, path, mean_over_seeds=False):
     """Training loss, proxy accuracy and every test metric per epoch, a panel each, one line per run
-    ({label: statistics table}) in every panel; writes `path` (PNG) and its PDF, returns the figure."""
+    ({label: statistics table}) in every panel, or with mean_over_seeds one per seed group, its mean
+    with a band of ± one standard deviation; writes `path` (PNG) and its PDF, returns the figure."""
     from matplotlib.ticker import MaxNLocator
     plt = pyplot()
+    curves = seed_curves(runs) if mean_over_seeds else {label: (table, None) for label, table in runs.items()}
     panels = [('loss', 'training loss', 1), ('accuracy', 'proxy accuracy (%)', 100)]
     panels += [(column, f'{metric_label(column)} (%)', 100) for column in metric_columns(runs.values())]
     columns = min(3, len(panels))
@@ -551,12 +584,18 @@ def plot_runs(runs, path):
     with plt.style.context(['science', 'no-latex']):
         # a run keeps its colour and line style in every panel, even where it lacks a metric
         styles = list(plt.rcParams['axes.prop_cycle'])
-        fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 1.8 * rows + 0.2 * len(runs)), squeeze=False,
-                                 sharex=True, layout='constrained')
+        fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 1.8 * rows + 0.2 * len(curves)),
+                                 squeeze=False, sharex=True, layout='constrained')
         for i, (ax, (column, ylabel, scale)) in enumerate(zip(axes.flat, panels)):
-            for j, (label, table) in enumerate(runs.items()):
-                if column in table:
-                    ax.plot(table['epoch'], scale * table[column], marker='.', label=label, **styles[j % len(styles)])
+            for j, (label, (table, spread)) in enumerate(curves.items()):
+                if column not in table:
+                    continue
+                style = styles[j % len(styles)]
+                ax.plot(table['epoch'], scale * table[column], marker='.', label=label, **style)
+                if spread is not None:
+                    ax.fill_between(table['epoch'], scale * (table[column] - spread[column]),
+                                    scale * (table[column] + spread[column]), color=style['color'], alpha=0.2,
+                                    linewidth=0)
             ax.set(xlabel='epoch' if i + columns >= len(panels) else '', ylabel=ylabel)
             # shared epochs (loss and accuracy start at 1), in whole numbers, labelled under every panel
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -574,27 +613,56 @@ def plot_statistics(statistics, path):
     return plot_runs({run_label(path): statistics}, path)
 
 
+def run_row(label, table, columns):
+    """A run's row: every metric at its best epoch / at its final epoch."""
+    # a run without the table's first metric (other --metrics) is selected by its own first one
+    select = columns[0] if columns[0] in table else metric_columns([table])[0]
+    best, final = table.loc[table[select].idxmax()], table.iloc[-1]
+    epochs = f'{int(best["epoch"])} / {int(final["epoch"])}'
+    if select != columns[0]:
+        epochs += f' (by {metric_label(select)})'
+    return [label, epochs] + [f'{100 * best[c]:.1f} / {100 * final[c]:.1f}' if c in table else '–' for c in columns]
+
+
+def mean_std_cell(values, n):
+    """'mean ± std' in % of a metric's final values; n added where fewer runs than the group's have it."""
+    if len(values) == 0:
+        return '–'
+    cell = f'{100 * np.mean(values):.1f}' + (f' ± {100 * np.std(values, ddof=1):.1f}' if len(values) > 1 else '')
+    return cell + (f' (n={len(values)})' if len(values) < n else '')
+
+
+def seed_row(group, members, columns):
+    """A seed group's row: each metric's mean ± sample standard deviation over its runs' final epochs."""
+    finals = [table.iloc[-1] for table in members.values()]
+    epochs = sorted({int(final['epoch']) for final in finals})
+    epoch = f'final {epochs[0]}' + (f'–{epochs[-1]}' if len(epochs) > 1 else '')
+    return [f'{group} (mean ± std, n={len(finals)} seeds)', epoch] + [
+        mean_std_cell([final[c] for final in finals if c in final.index], len(finals)) for c in columns]
+
+
 def results_table(runs):
-    """Markdown table of each run's test metrics in %, at its best epoch and at its final epoch.
+    """Markdown table of each run's test metrics in %, at its best epoch and at its final epoch, and
+    under the runs that differ only in --seed (names ending in _seed{N}), their mean ± std.
 
     The best epoch is the one with the highest value of the first metric (R@1 by default) on the
     test set itself: that selection is optimistic, which the footnote says.
     """
     columns = metric_columns(runs.values())
     header = ['run', 'epoch'] + [metric_label(column) for column in columns]
+    rows = []
+    for group, members in group_runs(runs).items():
+        rows += [run_row(label, table, columns) for label, table in members.items()]
+        if len(members) > 1:
+            rows.append(seed_row(group, members, columns))
     lines = ['| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
-    for label, table in runs.items():
-        # a run without the table's first metric (other --metrics) is selected by its own first one
-        select = columns[0] if columns[0] in table else metric_columns([table])[0]
-        best, final = table.loc[table[select].idxmax()], table.iloc[-1]
-        epochs = f'{int(best["epoch"])} / {int(final["epoch"])}'
-        if select != columns[0]:
-            epochs += f' (by {metric_label(select)})'
-        lines.append('| ' + ' | '.join([label, epochs] + [
-            f'{100 * best[c]:.1f} / {100 * final[c]:.1f}' if c in table else '–' for c in columns]) + ' |')
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
     lines += ['', f'Each cell: **best epoch / final epoch**, metrics in %. Best: the epoch with the highest '
                   f'{metric_label(columns[0])}, every metric read there; it is selected on the test set itself, so '
                   f'optimistic. Final: the last epoch in the CSV, no selection on the test set.']
+    if len(rows) > len(runs):
+        lines += ['', 'mean ± std: over the runs whose names differ only in their _seed{N} tail, each at its final '
+                      'epoch; sample standard deviation (n − 1).']
     return '\n'.join(lines) + '\n'
 
 
@@ -639,6 +707,142 @@ def plot_embedding_map(embeddings, labels, class_names, path, max_points=2000, s
     return fig
 
 
+# -----------------------------------------------------------------------------
+# the method at a glance: python utils.py structure
+
+# a 2-D example on the unit circle: the embedding f_i (class 0) and three proxies, angles in degrees
+FIGURE_EMBEDDING_ANGLE, FIGURE_PROXY_ANGLES = 100.0, (35.0, 165.0, 250.0)
+FIGURE_SCALE = 3.0  # a soft softmax (training uses 32), so that the pushes of the other proxies are visible
+PULL, PUSH, STEP, PROXY_STEP = '#1a9850', '#d73027', '#222222', '#7b3294'
+
+
+def on_circle(degrees):
+    return torch.tensor([math.cos(math.radians(degrees)), math.sin(math.radians(degrees))])
+
+
+def method_gradients(loss_name, embedding_angle=FIGURE_EMBEDDING_ANGLE, proxy_angles=FIGURE_PROXY_ANGLES,
+                     scale=FIGURE_SCALE):
+    """The figure's arrows, on one embedding of class 0 and unit proxies in 2-D: loss.py's descent
+    directions (minus autograd's gradients) of the embedding and of each proxy, and the embedding's
+    direction as per-proxy pieces -(dL/dS_c) p_c (pulls towards its class proxy, pushes away from the
+    others), of which positive_proxy keeps the pull only; the normalisation turns their sum into the
+    embedding's step, along the circle."""
+    from loss import build_loss  # loss.py imports utils: imported here, where the figure needs it
+    loss_fn = build_loss(loss_name, len(proxy_angles), 2, scale)
+    with torch.no_grad():
+        loss_fn.proxies.copy_(torch.stack([on_circle(angle) for angle in proxy_angles]))
+    embedding = on_circle(embedding_angle)[None].requires_grad_()
+    loss_fn(embedding, torch.tensor([0])).backward()
+    f, proxies = embedding.detach()[0], loss_fn.proxies.detach()
+    d_loss_d_similarity = scale * (torch.softmax(scale * proxies @ f, dim=0) - torch.eye(len(proxies))[0])
+    pieces = -d_loss_d_similarity[:, None] * proxies
+    if loss_name == 'positive_proxy':
+        pieces[1:] = 0
+    return {'embedding': f, 'proxies': proxies, 'embedding_step': -embedding.grad[0],
+            'proxy_steps': -loss_fn.proxies.grad, 'pieces': pieces}
+
+
+def draw_box(ax, x, y, text, colour='#f2f2f2', width=2.5, height=1.15):
+    from matplotlib.patches import FancyBboxPatch
+    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height,
+                                                   boxstyle='round,pad=0.02,rounding_size=0.15', facecolor=colour,
+                                                   edgecolor='#555555', linewidth=0.8))
+    ax.text(x, y, text, ha='center', va='center', fontsize=9.5, linespacing=1.3)
+
+
+def draw_arrow(ax, start, end, colour='#333333', style='-', rad=0.0, width=1.1):
+    ax.annotate('', xy=end, xytext=start, arrowprops=dict(arrowstyle='-|>', color=colour, linestyle=style,
+                                                          linewidth=width, shrinkA=0, shrinkB=0,
+                                                          connectionstyle=f'arc3,rad={rad}', mutation_scale=10))
+
+
+def draw_pipeline(ax):
+    """image -> backbone -> pooling -> linear head -> L2 normalisation -> embedding, the proxies and
+    the loss; forward arrows solid, the gradients dashed."""
+    from data_utils import render  # the synthetic set's own drawing: an image of this project
+    ax.set(xlim=(0, 16.4), ylim=(-0.75, 4.75), aspect='equal')
+    ax.axis('off')
+    image = np.asarray(render('star', 'red', 'stripes', 'white-eye', 96, np.random.default_rng(3)))
+    ax.imshow(image, extent=(0.15, 1.65, 2.55, 4.05), zorder=2)
+    ax.text(0.9, 2.35, 'image', ha='center', va='top', fontsize=9.5)
+    network = [(3.35, 'backbone\n(ResNet-50,\nBN-Inception, ...)'), (6.15, 'global pooling\n(max or average)'),
+               (8.95, 'linear head\n(no bias)'), (11.75, 'L2 normalisation'), (14.55, 'embedding $f_i$\n(unit, 512-d)')]
+    for (x, text), colour in zip(network, ['#dbe9f6'] * 4 + ['#fde0c5']):
+        draw_box(ax, x, 3.3, text, colour)
+    for start, end in zip([1.7] + [x + 1.25 for x, _ in network[:-1]], [x - 1.25 for x, _ in network]):
+        draw_arrow(ax, (start, 3.3), (end, 3.3))
+    draw_box(ax, 3.35, 0.75, 'proxies $p_c$, one per\ntraining class (unit)', '#e7d4e8')
+    draw_box(ax, 8.95, 0.75, 'cosines $S_{ic} = f_i \\cdot p_c$', '#f2f2f2')
+    draw_box(ax, 14.55, 0.75, 'loss $L$: cross-entropy\nof scale $\\cdot S_i$ and $y_i$', '#f2f2f2')
+    draw_arrow(ax, (4.6, 0.75), (7.7, 0.75))
+    draw_arrow(ax, (10.2, 0.75), (13.3, 0.75))
+    draw_arrow(ax, (13.75, 2.72), (9.9, 1.33))  # f_i into the cosines
+    # the gradients, dashed: to the embedding and on through the network; to every proxy
+    draw_arrow(ax, (15.1, 1.33), (15.1, 2.72), STEP, '--', width=1.4)
+    ax.text(15.3, 2.03, '$\\partial L/\\partial f_i$', fontsize=10.5, va='center', color=STEP)
+    ax.text(4.9, 2.03, '$\\partial L/\\partial f_i$ under normalized_softmax: from every proxy $p_c$\n'
+                       'under positive_proxy: from its own class proxy $p_{y_i}$ only',
+            ha='center', va='center', fontsize=9.5, color=STEP)
+    draw_arrow(ax, (13.4, 3.88), (1.7, 3.88), STEP, '--', rad=0.06, width=1.0)
+    ax.text(7.55, 4.4, 'and on through the head and the backbone', ha='center', fontsize=9.5, color=STEP)
+    draw_arrow(ax, (14.55, 0.17), (3.35, 0.17), PROXY_STEP, '--', rad=-0.06, width=1.4)
+    ax.text(8.95, -0.6, '$\\partial L/\\partial p_c$ reaches every proxy, in both losses', ha='center',
+            fontsize=9.5, color=PROXY_STEP)
+
+
+def draw_gradients(ax, loss_name, title):
+    """loss.py's gradients on the 2-D example: the pieces that move f_i, its step, each proxy's step."""
+    from loss import LOSSES
+    plt = pyplot()
+    arrows = method_gradients(loss_name)
+    # one length scale for both panels, so that they compare
+    longest = max(method_gradients(name)[key].norm(dim=-1).max().item()
+                  for name in LOSSES for key in ('pieces', 'proxy_steps', 'embedding_step'))
+    stretch = 0.8 / longest
+    ax.add_patch(plt.Circle((0, 0), 1, fill=False, color='#bbbbbb', linewidth=0.8))
+    f = arrows['embedding']
+    visible = 0.05 / stretch  # shorter arrows would be a bare arrowhead: a far proxy's push is about nil
+    for c, (proxy, step) in enumerate(zip(arrows['proxies'], arrows['proxy_steps'])):
+        ax.plot(*proxy, marker='s', markersize=6, color=PULL if c == 0 else '#777777', zorder=3)
+        name = '$p_{y_i}$' if c == 0 else f'$p_{{{c + 1}}}$'
+        ax.text(*(1.2 * proxy), name, ha='center', va='center', fontsize=11)
+        if step.norm() > visible:
+            draw_arrow(ax, tuple(proxy), tuple(proxy + stretch * step), PROXY_STEP, width=1.3)
+    for c, piece in enumerate(arrows['pieces']):
+        if piece.norm() > visible:
+            draw_arrow(ax, tuple(f), tuple(f + stretch * piece), PULL if c == 0 else PUSH, width=1.3)
+    draw_arrow(ax, tuple(f), tuple(f + stretch * arrows['embedding_step']), STEP, width=2.2)
+    ax.plot(*f, marker='o', markersize=7, color=PULL, zorder=3)
+    ax.text(*(f + torch.tensor([-0.2, 0.12])), '$f_i$', ha='center', va='center', fontsize=11)
+    ax.set(xlim=(-1.35, 1.35), ylim=(-1.3, 1.45), aspect='equal', xticks=[], yticks=[])
+    ax.set_title(title, fontsize=10.5)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def plot_structure(path):
+    """The method figure: the network, the proxies and the loss, and which gradients reach the
+    embeddings and the proxies under each loss (computed by loss.py on a 2-D example); writes `path`
+    (PNG) and its PDF, returns the figure."""
+    from matplotlib.lines import Line2D
+    plt = pyplot()
+    fig = plt.figure(figsize=(9.2, 7.6), layout='constrained')
+    top, bottom = fig.subfigures(2, 1, height_ratios=[0.85, 1.0])
+    draw_pipeline(top.subplots())
+    axes = bottom.subplots(1, 2)
+    draw_gradients(axes[0], 'normalized_softmax', 'normalized_softmax:\nevery proxy pulls or pushes $f_i$')
+    draw_gradients(axes[1], 'positive_proxy', 'positive_proxy:\nonly its own class proxy $p_{y_i}$ pulls $f_i$')
+    handles = [Line2D([], [], color=PULL, linewidth=1.3, label='pull of $p_{y_i}$ on $f_i$'),
+               Line2D([], [], color=PUSH, linewidth=1.3, label='push of another proxy on $f_i$'),
+               Line2D([], [], color=STEP, linewidth=2.2, label='step of $f_i$: their sum, along the unit circle'),
+               Line2D([], [], color=PROXY_STEP, linewidth=1.3, label='step of each proxy: the same in both losses')]
+    bottom.legend(handles=handles, loc='outside lower center', ncols=2, fontsize=9.5, frameon=False)
+    bottom.suptitle('Descent directions ($-$gradient) computed by loss.py: one embedding $f_i$ of class $y_i$ and '
+                    f'three proxies in 2-D\n(scale {FIGURE_SCALE:g}; all arrows to one length scale; the far proxy $p_3$ hardly pushes or moves)', fontsize=10)
+    save_figure(fig, path)
+    return fig
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Figures and tables of train.py's runs.")
     commands = parser.add_subparsers(dest='command', required=True)
@@ -646,17 +850,28 @@ def main(argv=None):
     plot.add_argument('statistics', nargs='+', help='{run}_statistics.csv files; runs are named after them')
     plot.add_argument('--out', help='writes PREFIX.png and PREFIX.pdf (default: comparison beside the first CSV)',
                       metavar='PREFIX')
-    table = commands.add_parser('table', help='Markdown table of the best-epoch and final-epoch test metrics')
+    plot.add_argument('--mean_over_seeds', action='store_true',
+                      help='one curve per group of runs that differ only in seed (_seed{N}): the mean per epoch, '
+                           'with a band of ± one standard deviation')
+    table = commands.add_parser('table', help='Markdown table of the best-epoch and final-epoch test metrics, '
+                                              'and their mean ± std over runs that differ only in seed')
     table.add_argument('statistics', nargs='+', help='{run}_statistics.csv files; runs are named after them')
     table.add_argument('--out', help='write the table to FILE instead of printing it', metavar='FILE')
     embedding_map = commands.add_parser('map', help="t-SNE map of a run's test embeddings, coloured by class")
     embedding_map.add_argument('data_base', help='{run}_data_base.pth written by train.py')
     embedding_map.add_argument('--out', help='PNG path (a PDF goes beside it); default: {run}_embedding_map.png '
                                              'beside the database', metavar='FILE')
+    structure = commands.add_parser('structure', help='the method figure: network, proxies, and which gradients '
+                                                       'reach embeddings and proxies under each loss')
+    structure.add_argument('--out', default=os.path.join('results', 'structure.png'),
+                           help='PNG path (a PDF goes beside it); default: %(default)s', metavar='FILE')
     args = parser.parse_args(argv)
-    if args.command == 'plot':
+    if args.command == 'structure':
+        plot_structure(args.out)
+        print(f'wrote {args.out} and its PDF')
+    elif args.command == 'plot':
         out = f'{args.out or os.path.join(os.path.dirname(args.statistics[0]), "comparison")}.png'
-        plot_runs(read_statistics(args.statistics), out)
+        plot_runs(read_statistics(args.statistics), out, args.mean_over_seeds)
         print(f'wrote {out} and its PDF')
     elif args.command == 'table':
         text = results_table(read_statistics(args.statistics))
