@@ -676,12 +676,17 @@ def embedding_coordinates(embeddings, labels, max_points=2000, seed=0):
     check_embeddings(embeddings, 'embeddings')
     labels = as_label_tensor(labels, 'labels', len(embeddings), 'cpu').numpy()
     keep = np.sort(np.random.default_rng(seed).permutation(len(embeddings))[:max_points])
+    points = embeddings.numpy()[keep]
+    if np.ptp(points, axis=0).max() < 1e-6:
+        # all alike (a collapsed network): t-SNE's PCA start would divide by a zero spread, and its
+        # Barnes-Hut step then crashes the process; one spot is the honest map of one point
+        return np.zeros((len(keep), 2), np.float32), labels[keep]
     # the perplexity (roughly the neighbours each point keeps close) must stay below the number of points
     tsne = TSNE(perplexity=min(30.0, len(keep) - 1), init='pca', random_state=seed)
     # one thread: t-SNE's threads meet at a barrier in each of its 1,000 iterations, and with another
     # process on the cores they spin there (here 1,000 points took 3 s on one thread, 30 s on two)
     with threadpool_limits(1):
-        return tsne.fit_transform(embeddings.numpy()[keep]), labels[keep]
+        return tsne.fit_transform(points), labels[keep]
 
 
 def plot_embedding_map(embeddings, labels, class_names, path, max_points=2000, seed=0):

@@ -162,6 +162,14 @@ def test_embedding_coordinates_are_deterministic_and_subsampled_with_their_label
     assert (np.diff(subset_labels) >= 0).all() and len(set(subset_labels)) > 1
 
 
+def test_embeddings_all_alike_map_to_one_spot(tmp_path):
+    # a collapsed network: t-SNE's PCA start would divide by their zero spread (and crash the process)
+    embeddings = torch.nn.functional.normalize(torch.ones(6, 16), dim=1)
+    coordinates, labels = utils.embedding_coordinates(embeddings, [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(coordinates, np.zeros((6, 2)))
+    np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 1])
+
+
 @pytest.mark.parametrize('num_classes,legend', [(4, True), (25, False)])
 def test_embedding_map_names_few_classes_in_a_legend_and_many_by_colour_alone(tmp_path, num_classes, legend):
     embeddings, labels = clustered_embeddings(num_classes, 4)
