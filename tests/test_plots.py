@@ -203,3 +203,47 @@ def test_map_of_a_file_that_is_not_a_database_names_it(tmp_path):
         path.write_text(text)
         with pytest.raises(ValueError, match='not a database written by train.py'):
             utils.load_database(str(path))
+
+
+# -----------------------------------------------------------------------------
+# the method figure: its arrows are loss.py's gradients
+
+
+def tangent(vector, at):
+    """The part of `vector` along the unit circle at the unit vector `at`."""
+    return vector - (vector @ at) * at
+
+
+def test_figure_arrows_are_the_losses_gradients_pull_only_under_positive_proxy():
+    softmax, positive = (utils.method_gradients(name) for name in ('normalized_softmax', 'positive_proxy'))
+    f, proxies = softmax['embedding'], softmax['proxies']
+    for arrows in (softmax, positive):
+        # the drawn pieces add up, along the circle, to the embedding's step autograd gives
+        torch.testing.assert_close(tangent(arrows['pieces'].sum(dim=0), f), arrows['embedding_step'])
+    # normalized softmax: the own proxy pulls (towards it), the others push (away from them)
+    assert softmax['pieces'][0] @ proxies[0] > 0
+    assert all(softmax['pieces'][c] @ proxies[c] < 0 for c in (1, 2))
+    # positive proxy: only the pull reaches the embedding, and it is normalized softmax's pull
+    torch.testing.assert_close(positive['pieces'][0], softmax['pieces'][0])
+    assert not positive['pieces'][1:].any()
+    assert not torch.allclose(positive['embedding_step'], softmax['embedding_step'])
+    # every proxy gets the same gradient under both losses
+    torch.testing.assert_close(positive['proxy_steps'], softmax['proxy_steps'])
+    assert (softmax['proxy_steps'].norm(dim=1) > 0).all()
+
+
+def arrow_colours(ax):
+    return [text.arrow_patch.get_edgecolor() for text in ax.texts if getattr(text, 'arrow_patch', None)]
+
+
+def test_structure_command_draws_both_losses_with_pushes_only_under_normalized_softmax(tmp_path):
+    import matplotlib.colors
+    utils.main(['structure', '--out', str(tmp_path / 'structure.png')])
+    assert_png_and_pdf(str(tmp_path / 'structure.png'))
+    fig = utils.plot_structure(str(tmp_path / 'again.png'))
+    softmax_panel, positive_panel = [ax for ax in fig.axes if ax.get_title()]
+    assert softmax_panel.get_title().startswith('normalized_softmax')
+    assert positive_panel.get_title().startswith('positive_proxy')
+    push, pull = matplotlib.colors.to_rgba(utils.PUSH), matplotlib.colors.to_rgba(utils.PULL)
+    assert push in arrow_colours(softmax_panel) and pull in arrow_colours(softmax_panel)
+    assert push not in arrow_colours(positive_panel) and pull in arrow_colours(positive_panel)
