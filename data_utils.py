@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import atomic_path, load_torch_file, read_rgb, run_script
+from utils import IMAGE_EXTENSIONS, atomic_path, load_torch_file, read_rgb, run_script
 
 # -----------------------------------------------------------------------------
 # reading prepared splits
@@ -398,7 +398,6 @@ OWN_LAYOUT = ('DIR/NAME/images.csv (header path,class or path,class,split; paths
 OWN_SPLITS = ('train', 'test', 'query', 'gallery')
 SPLIT_SETS = (('train', 'test'), INSHOP_SPLITS)  # search within the test set, or queries among a gallery
 CSV_HEADERS = ({'path', 'class'}, {'path', 'class', 'split'})
-IMAGE_EXTENSIONS = frozenset(ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN)
 DEFAULT_TEST_FRACTION = 0.5
 
 
@@ -580,7 +579,7 @@ def check_own_splits(splits, records, root):
 
 def check_data_name(data_name):
     # the name is one folder of DIR: a path in it would read (and write) elsewhere
-    if data_name in ('', os.curdir, os.pardir, 'all') or os.sep in data_name or (os.altsep or os.sep) in data_name:
+    if data_name in ('', os.curdir, os.pardir, 'all') or any(sep and sep in data_name for sep in (os.sep, os.altsep)):
         raise ValueError(f'--data_name {data_name!r}: expected the name of one folder in --data_path')
 
 

@@ -144,6 +144,10 @@ def stored_run_name(run_args):
 # images and transforms
 
 
+# the file extensions Pillow can open: what counts as an image in a folder
+IMAGE_EXTENSIONS = frozenset(ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+
+
 def read_rgb(path):
     # convert() decodes every pixel, so a truncated file fails here and not mid-epoch
     with Image.open(path) as img:
