@@ -366,6 +366,19 @@ def test_cars_devkit_layout_with_one_half(tmp_path, present, absent_labels):
     assert list(splits['test']) == ['class_099', 'class_196']
     assert all(path.startswith(f'cars_{present}/') for paths in splits['test'].values() for path in paths)
 
+def test_cars_images_saved_cropped_are_said_and_not_cropped_again(tmp_path):
+    # the copy of cars_train/ in fmejbah/car_dataset1: each photo is its box, one pixel smaller each way
+    box = (21, 11, 69, 43)  # MATLAB's 1-based inclusive corners: 49 x 33 pixels, the images 48 x 32
+    entries = [(c, f'{c:03d}{i:03d}.jpg', write_image, box) for c in CAR_CLASSES for i in range(2)]
+    make_cars_devkit(tmp_path, train=entries)
+    for crop in (False, True):
+        with pytest.warns(UserWarning, match='10 of 10 images .* already have the size of their bounding box') as warned:
+            prepare_cars(str(tmp_path), crop=crop)
+        assert ('not cropped again' if crop else 'this uncropped split holds crops') in str(warned[0].message)
+        splits = saved_splits(str(tmp_path), 'car', crop=crop)
+        assert splits['test'][CAR_NAMES[195]] == ['cars_train/196000.jpg', 'cars_train/196001.jpg']
+    assert not (tmp_path / 'car' / 'cropped').exists()
+
 # -----------------------------------------------------------------------------
 # Stanford Online Products
 
