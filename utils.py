@@ -6,9 +6,10 @@
 - evaluation: exact Recall@K, MAP@R, R-Precision and NMI;
 - reports: the figures and tables of runs, also from the command line:
 
-    python utils.py plot results/*_statistics.csv [--out PREFIX]
+    python utils.py plot results/*_statistics.csv [--out PREFIX] [--mean_over_seeds]
     python utils.py table results/*_statistics.csv [--out FILE]
     python utils.py map results/{run}_data_base.pth [--out FILE]
+    python utils.py structure [--out results/structure.png]
 
 The plotting stack (matplotlib, SciencePlots, pandas) is imported only where a report is made,
 so that data_utils.py and test.py start without it.
