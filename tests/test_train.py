@@ -79,7 +79,6 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_epoch(synt
 
 @pytest.mark.parametrize('flags,message', [
     (['--recalls', '1,two'], '--recalls'),
-    (['--data_name', 'mnist'], 'invalid choice'),
     (['--backbone_type', 'vgg'], 'invalid choice'),
 ])
 def test_bad_flags_exit_naming_the_flag(flags, message, capsys):
@@ -92,6 +91,9 @@ def test_bad_flags_exit_naming_the_flag(flags, message, capsys):
 def test_missing_splits_tell_the_user_to_run_data_utils(tmp_path):
     with pytest.raises(FileNotFoundError, match='python data_utils.py'):
         train.main(['--data_path', str(tmp_path), '--data_name', 'cub', '--pretrained', 'none'])
+    # any other name is your own data set, prepared the same way
+    with pytest.raises(FileNotFoundError, match="python data_utils.py --data_path .* --data_name 'my photos'"):
+        train.main(['--data_path', str(tmp_path), '--data_name', 'my photos', '--pretrained', 'none'])
 
 
 @pytest.mark.slow
