@@ -8,12 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data_utils
 import test as query_script
 import train
-from data_utils import load_splits, main, split_path, validation_splits
-from test_data_utils import write_truncated_jpeg
-from utils import run_name
+from data_utils import load_splits, split_path, validation_splits
+from test_data_utils import main, write_truncated_jpeg
 
 # spaces and non-ASCII characters in class and file names; sorted: 'Käfer' < 'cat' < 'straße' < 'zebra fish' < '猫'
 CLASSES = ['Käfer', 'cat', 'straße', 'zebra fish', '猫']
@@ -304,6 +302,10 @@ def test_train_py_takes_any_data_name_and_the_validation_fraction_defines_the_ru
     args = train.parse_args(['--data_name', 'my photos', '--val_fraction', '0.2'])
     assert args.data_name == 'my photos' and args.val_fraction == 0.2
     assert train.parse_args([]).val_fraction is None
+    # its own file names: a validation run never writes over the run evaluated on the test classes
+    test_run = train.parse_args(['--data_name', 'my photos']).run_name
+    assert args.run_name != test_run and args.run_name.endswith('_seed0')
+    assert args.run_name != train.parse_args(['--data_name', 'my photos', '--val_fraction', '0.3']).run_name
     # a checkpoint of the run evaluated on the test classes cannot be resumed as a validation run
     path = tmp_path / 'checkpoint.pth'
     saved = vars(train.parse_args(['--data_name', 'my photos']))
@@ -322,7 +324,7 @@ def train_and_query(data_path, data_name, output_dir, *flags):
             'none', '--image_size', '32', '--num_epochs', '1', '--batch_size', '4', '--num_workers', '0',
             '--recalls', '1,2', '--output_dir', str(output_dir), *flags]
     train.main(argv)
-    prefix = os.path.join(output_dir, run_name(train.parse_args(argv)))
+    prefix = os.path.join(output_dir, train.parse_args(argv).run_name)
     database = torch.load(f'{prefix}_data_base.pth', weights_only=True)
     query = database['test_images'][0]
     query_script.main(['--data_base', f'{prefix}_data_base.pth', '--query_img_name', query, '--retrieval_num', '2',
