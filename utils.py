@@ -184,12 +184,15 @@ class ToBGR255:
 
 
 def build_transforms(backbone_spec, image_size):
-    """Train and test transforms in the input convention of the backbone's weights."""
+    """Train and test transforms in the input convention of the backbone's weights: its mean and
+    std, its interpolation, and its crop fraction (the classic backbones': 224/256)."""
     to_input = [T.ToTensor(), *([ToBGR255()] if backbone_spec.bgr_255 else []),
                 T.Normalize(backbone_spec.mean, backbone_spec.std)]
-    train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *to_input])
-    # the usual 256 -> 224 resize-then-centre-crop ratio, at any size
-    test = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), *to_input])
+    interpolation = T.InterpolationMode(backbone_spec.interpolation)
+    train = T.Compose([T.RandomResizedCrop(image_size, interpolation=interpolation), T.RandomHorizontalFlip(),
+                       *to_input])
+    test = T.Compose([T.Resize(round(image_size / backbone_spec.crop_pct), interpolation=interpolation),
+                      T.CenterCrop(image_size), *to_input])
     return train, test
 
 # -----------------------------------------------------------------------------
