@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data_utils import PREPARERS, load_splits, validation_splits
 from loss import LOSSES, build_loss
-from model import BACKBONES, POOLINGS, Model, embed, preferred_memory_format
+from model import BACKBONES, POOLINGS, Model, backbone_spec, embed, preferred_memory_format, recipe, weights_file
 from utils import (METRICS, ImageDataset, RetrievalData, add_device_argument, atomic_path, build_database,
                    build_transforms, evaluate, load_torch_file, plot_embedding_map, plot_statistics, resolve_device,
                    run_defining, run_name, run_script, save_torch_file)
@@ -33,6 +33,14 @@ from utils import (METRICS, ImageDataset, RetrievalData, add_device_argument, at
 NMI_MAX_CLASSES = 1000
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 CHECKPOINT_KEYS = ('model', 'loss', 'optimizer', 'scheduler', 'scaler', 'epoch', 'statistics', 'args')
+
+
+def backbone_type(name):
+    try:
+        backbone_spec(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f'invalid choice: {e}') from None
+    return name
 
 
 def build_parser():
@@ -47,9 +55,14 @@ def build_parser():
     parser.add_argument('--crop', action='store_true', help='use the bounding-box crops (data_utils.py --crop)')
     parser.add_argument('--max_size', type=int, default=None,
                         help='use the resized copies of data_utils.py --max_size N (cheaper decoding)')
-    parser.add_argument('--backbone_type', default='resnet50', choices=list(BACKBONES))
-    parser.add_argument('--pretrained', default='imagenet', help="'imagenet' (from $TORCH_HOME), 'none', or a state dict PATH")
-    parser.add_argument('--pooling', default='max', choices=list(POOLINGS))
+    parser.add_argument('--backbone_type', default='resnet50', type=backbone_type,
+                        help=f'{", ".join(BACKBONES)}, or timm:NAME for any timm model, e.g. timm:vit_small_patch16_224.dino; '
+                             f'its family (CNN or ViT) sets the defaults of the recipe flags')
+    parser.add_argument('--pretrained', default='imagenet',
+                        help="'imagenet' (from the local cache or package), 'none', or a state dict PATH "
+                             "(.pth, .pt or .safetensors)")
+    parser.add_argument('--pooling', default='max', choices=list(POOLINGS),
+                        help="CNNs: max or avgmax; ViTs: token (their own CLS-token pooling)")
     parser.add_argument('--no_freeze_bn', dest='freeze_bn', action='store_false',
                         help='let BatchNorm statistics of a pretrained backbone train')
     parser.add_argument('--loss_name', default='positive_proxy', choices=list(LOSSES))
@@ -62,6 +75,9 @@ def build_parser():
     parser.add_argument('--weight_decay', type=float, default=1e-4)
     parser.add_argument('--lr_decay_step', type=int, default=10, help='epochs between learning-rate decays')
     parser.add_argument('--lr_decay_gamma', type=float, default=0.5)
+    parser.add_argument('--warmup_epochs', type=int, default=0,
+                        help='first epochs in which the backbone trunk does not learn, only the embedding head and proxies')
+    parser.add_argument('--clip_grad', type=float, default=0.0, help='clip the norm of the network gradient to this; 0: off')
     parser.add_argument('--image_size', type=int, default=224)
     parser.add_argument('--recalls', default='1,2,4,8', help='the K of Recall@K, comma-separated')
     parser.add_argument('--metrics', default=None,
@@ -98,6 +114,9 @@ def checked(parser, args):
 
 def parse_args(argv=None):
     parser = build_parser()
+    # the backbone's family sets the recipe defaults (model.FAMILIES): parse once to learn it, then for real;
+    # the run is named against these defaults
+    parser.set_defaults(**recipe(parser.parse_known_args(argv)[0].backbone_type))
     args = checked(parser, parser.parse_args(argv))
     defaults = checked(parser, parser.parse_args([]))
     args.run_name = run_name(args, vars(defaults))
@@ -149,6 +168,8 @@ class Training:
     memory_format: torch.memory_format
     world_size: int = 1
     num_epochs: int = 1
+    warmup_epochs: int = 0  # epochs in which the trunk does not learn
+    clip_grad: float = 0.0  # the largest norm of the network's gradient; 0: no clipping
 
     STATE = ('model', 'optimizer', 'scheduler', 'scaler')
 
@@ -170,9 +191,9 @@ def build_optimizer(model, loss_fn, args):
 
 def build_training(args, num_classes, device, world_size=1, memory_format=None):
     """The network, proxies, optimizer, schedule and gradient scaler of a run, on device.
-    memory_format: how images are laid out (default: preferred_memory_format(device))."""
-    memory_format = memory_format or preferred_memory_format(device)
-    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn)
+    memory_format: how images are laid out (default: preferred_memory_format for the device and backbone)."""
+    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn, args.image_size)
+    memory_format = memory_format or preferred_memory_format(device, model.backbone_spec)
     model = model.to(device, memory_format=memory_format)
     network = torch.compile(model) if args.compile else model
     amp_dtype = AMP_DTYPES[args.amp]
@@ -185,7 +206,7 @@ def build_training(args, num_classes, device, world_size=1, memory_format=None):
                     scheduler=torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_gamma),
                     scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
                     amp_dtype=amp_dtype, memory_format=memory_format, world_size=world_size,
-                    num_epochs=args.num_epochs)
+                    num_epochs=args.num_epochs, warmup_epochs=args.warmup_epochs, clip_grad=args.clip_grad)
 
 # -----------------------------------------------------------------------------
 # data loading
@@ -242,6 +263,18 @@ def sync_buffers(model, world_size):
             dist.broadcast(buffer, src=0)
 
 
+def step(training, epoch):
+    """The optimizer step, with the fine-tuning recipe's warm-up and gradient clipping."""
+    if epoch <= training.warmup_epochs:  # the pretrained trunk holds still while the new head and proxies settle
+        for parameter in training.model.trunk.parameters():
+            parameter.grad = None  # AdamW skips it: no update, no weight decay
+    if training.clip_grad:
+        training.scaler.unscale_(training.optimizer)  # fp16: clip the true gradient, not the scaled one
+        torch.nn.utils.clip_grad_norm_(training.model.parameters(), training.clip_grad)
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+
+
 def train_epoch(training, loader, epoch, progress=True):
     """One pass over the loader's batches, then the learning-rate schedule's step:
     (mean loss, proxy-classification accuracy) over every rank's share. A non-finite loss
@@ -259,8 +292,7 @@ def train_epoch(training, loader, epoch, progress=True):
             raise FloatingPointError(f'the loss became {loss.item()} in epoch {epoch}')
         training.optimizer.zero_grad(set_to_none=True)
         training.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not flush to zero
-        training.scaler.step(training.optimizer)
-        training.scaler.update()
+        step(training, epoch)
         total_loss += loss.item() * len(labels)
         correct += (training.loss_fn.predict(embeddings) == labels).sum().item()
         seen += len(labels)
@@ -361,6 +393,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed(args)
     is_main = rank == 0  # only rank 0 prints, writes files and plots
+    weights_file(backbone_spec(args.backbone_type), args.pretrained)  # missing weights: stop before any work
     torch.manual_seed(args.seed)  # the same initial network on every rank
 
     # data: labels index the sorted class names of each split; the test set is the gallery
