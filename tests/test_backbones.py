@@ -126,6 +126,36 @@ def test_unknown_timm_model_or_tag_is_refused_with_an_example():
         with pytest.raises(ValueError, match='timm.list_models.*vit_small_patch16_224.dino'):
             Model(name, pretrained='none')
 
+README_EXAMPLES = {  # the README's tested examples: (family, feature size, native size, a small size it runs at)
+    'vit_small_patch16_224.dino': ('vit', 384, 224, 32),
+    'vit_base_patch14_dinov2.lvd142m': ('vit', 768, 518, 28),
+    'convnext_tiny.fb_in1k': ('cnn', 768, 224, 64),
+}
+
+
+@pytest.mark.parametrize('name', README_EXAMPLES)
+def test_readme_examples_resolve_with_their_recipe(name):
+    family, channels, native, _ = README_EXAMPLES[name]
+    spec = backbone_spec(f'timm:{name}')
+    assert (spec.family, spec.channels, spec.native_size) == (family, channels, native)
+    args = train.parse_args(['--backbone_type', f'timm:{name}'])
+    assert (args.pooling, args.lr, args.image_size) == (FAMILIES[family].poolings[0], FAMILIES[family].recipe['lr'], native)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', README_EXAMPLES)
+def test_readme_examples_load_their_cached_weights_and_embed_at_a_small_size(name, hub_cache):
+    """The real architectures, with random stand-ins for their hub files in the cache."""
+    *_, size = README_EXAMPLES[name]
+    state = timm_state_dict(name, seed=3)
+    put_in_hub_cache(hub_cache, f'timm/{name}', state)
+    model = Model(f'timm:{name}', feature_dim=8, pretrained='imagenet', image_size=size).eval()
+    trunk = model.trunk.net.state_dict()
+    assert all(torch.equal(tensor, state[key]) for key, tensor in trunk.items() if key != 'pos_embed')
+    with torch.no_grad():
+        torch.testing.assert_close(model(images(size)).norm(dim=1), torch.ones(2))
+
+
 # -----------------------------------------------------------------------------
 # input conventions in the transforms
 
