@@ -1,7 +1,6 @@
 """Embedding network for deep metric learning: a pretrained backbone trunk, pooling, a bias-free
-linear projection ("refactor") and L2 normalisation.
-
-Also embedding a set of images with it (`embed`, `embed_images`), for train.py and test.py alike.
+linear projection ("refactor") and L2 normalisation; and embedding a set of images with it
+(`embed`, `embed_images`), for train.py and test.py alike.
 
 Backbones: the classic CNNs and EfficientNet-Lite0 of BACKBONES, and any timm model as
 'timm:NAME' (timm_backbone), whose input convention, feature size and pooling come from timm's

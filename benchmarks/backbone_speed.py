@@ -22,8 +22,7 @@ sys.path.insert(0, ROOT)  # the script lives in benchmarks/, train.py in the rep
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from loss import build_loss  # noqa: E402
-from model import Model  # noqa: E402
+from model import embed  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,20 +45,15 @@ def rate(run, batches):
 def measure(image_size):
     targs = train.parse_args(['--backbone_type', args.backbone_type, '--pretrained', args.pretrained,
                               '--image_size', str(image_size), '--batch_size', str(args.batch_size), '--device', 'cpu'])
-    model = Model(targs.backbone_type, targs.feature_dim, targs.pretrained, targs.pooling, targs.freeze_bn, image_size)
-    loss_fn = build_loss(targs.loss_name, CLASSES, targs.feature_dim, targs.scale)
-    trainer = train.ProxyTraining(model, loss_fn, None)
-    optimizer = train.build_optimizer(model, loss_fn, targs)
-    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    training = train.build_training(targs, CLASSES, torch.device('cpu'))
     batch = (torch.randn(args.batch_size, 3, image_size, image_size), torch.randint(CLASSES, (args.batch_size,)))
-    dataset = torch.utils.data.TensorDataset(*batch)  # train.embed reads the size of the loader's dataset
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=args.batch_size)
     # epoch 2: past the warm-up epoch of the ViT recipe, so the whole network trains
-    train_step = lambda n: train.train_epoch(trainer, [batch] * n, optimizer, scaler, 2, targs, 1, False)  # noqa: E731
-    embed = lambda n: [train.embed(model, loader, progress=False) for _ in range(n)]  # noqa: E731
-    train_step(1), embed(1)  # warm-up
+    train_step = lambda n: train.train_epoch(training, [batch] * n, 2, progress=False)  # noqa: E731
+    embed_batches = lambda n: [embed(training.model, loader, progress=False) for _ in range(n)]  # noqa: E731
+    train_step(1), embed_batches(1)  # warm-up
     train_rates = [rate(lambda: train_step(args.batches), args.batches) for _ in range(args.rounds)]
-    embed_rates = [rate(lambda: embed(args.batches), args.batches) for _ in range(args.rounds)]
+    embed_rates = [rate(lambda: embed_batches(args.batches), args.batches) for _ in range(args.rounds)]
     return statistics.median(train_rates), statistics.median(embed_rates)
 
 

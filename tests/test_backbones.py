@@ -19,8 +19,7 @@ from PIL import Image
 
 import test as query_tool  # the repository's test.py, not a test module
 import train
-from loss import build_loss
-from model import BACKBONES, FAMILIES, Model, backbone_spec, build_network, lite0_package_file
+from model import BACKBONES, FAMILIES, Model, backbone_spec, build_network, embed, lite0_package_file
 from utils import ImageDataset, build_transforms, evaluate
 
 VIT, RESNET, CONVNEXT = 'test_vit.r160_in1k', 'test_resnet.r160_in1k', 'test_convnext.r160_in1k'
@@ -287,36 +286,42 @@ def test_classic_backbones_keep_their_defaults_and_vits_get_the_vit_recipe():
     assert train.parse_args(['--backbone_type', f'timm:{VIT}', '--lr', '3e-5', '--warmup_epochs', '0']).lr == 3e-5
 
 
-def one_step(model, epoch, warmup_epochs=0, clip_grad=0.0, lr=0.1, scale=1.0):
-    """One train.step of SGD (lr 0.1, no momentum, no decay) on a proxy loss; the change of every parameter."""
-    loss_fn = build_loss('positive_proxy', 4, 8, 32.0)
-    optimizer = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=lr)
-    before = {n: p.detach().clone() for n, p in [*model.named_parameters(), *loss_fn.named_parameters()]}
-    (scale * loss_fn(model(images(32, batch=4)), torch.arange(4))).backward()
-    args = train.parse_args(['--backbone_type', f'timm:{VIT}', '--warmup_epochs', str(warmup_epochs),
-                             '--clip_grad', str(clip_grad)])
-    train.step(optimizer, torch.amp.GradScaler('cpu', enabled=False), model, epoch, args)
-    return {n: p.detach() - before[n] for n, p in [*model.named_parameters(), *loss_fn.named_parameters()]}
+def vit_training(*flags):
+    """train.py's Training of a tiny ViT at 32 px (4 proxies of 8 dimensions), with its optimizer
+    replaced by plain SGD (no momentum, no weight decay) so that a step moves each parameter by
+    exactly -lr x its gradient."""
+    torch.manual_seed(0)
+    args = train.parse_args(['--backbone_type', f'timm:{VIT}', '--pretrained', 'none', '--image_size', '32',
+                             '--feature_dim', '8', '--device', 'cpu', *flags])
+    training = train.build_training(args, 4, torch.device('cpu'))
+    training.optimizer = torch.optim.SGD([*training.model.parameters(), *training.loss_fn.parameters()], lr=1.0)
+    return training
+
+
+def one_step(training, epoch, scale=1.0):
+    """One train.step after the gradient of a proxy loss (times scale); the change of every parameter."""
+    named = [*training.model.named_parameters(), *training.loss_fn.named_parameters()]
+    before = {n: p.detach().clone() for n, p in named}
+    training.optimizer.zero_grad(set_to_none=True)
+    (scale * training.loss_fn(training.model(images(32, batch=4)), torch.arange(4))).backward()
+    train.step(training, epoch)
+    return {n: p.detach() - before[n] for n, p in named}
 
 
 def test_warm_up_holds_the_trunk_still_while_head_and_proxies_learn():
-    torch.manual_seed(0)
-    model = Model(f'timm:{VIT}', feature_dim=8, pretrained='none', image_size=32)
+    training = vit_training('--warmup_epochs', '1')
     for epoch, trunk_moves in ((1, False), (2, True)):
-        change = one_step(model, epoch, warmup_epochs=1)
-        moved = {n for n, d in change.items() if d.abs().max() > 0}
+        moved = {n for n, d in one_step(training, epoch).items() if d.abs().max() > 0}
         assert ('refactor.weight' in moved) and ('proxies' in moved)
         assert any(n.startswith('trunk.') for n in moved) == trunk_moves
 
 
 def test_clipping_bounds_the_norm_of_the_network_gradient():
-    torch.manual_seed(0)
-    model = Model(f'timm:{VIT}', feature_dim=8, pretrained='none', image_size=32)
-    change = one_step(model, epoch=1, clip_grad=0.5, lr=1.0, scale=1e3)  # SGD at lr 1: the change is -gradient
-    network_change = torch.cat([d.flatten() for n, d in change.items() if n != 'proxies'])
-    assert network_change.norm().item() == pytest.approx(0.5, rel=1e-4)
-    unclipped = one_step(model, epoch=1, lr=1.0, scale=1e3)
-    assert torch.cat([d.flatten() for n, d in unclipped.items() if n != 'proxies']).norm() > 5
+    def network_change(training):  # SGD at lr 1: the change is minus the (clipped) gradient
+        change = one_step(training, epoch=2, scale=1e3)
+        return torch.cat([d.flatten() for n, d in change.items() if n != 'proxies']).norm().item()
+    assert network_change(vit_training('--clip_grad', '0.5')) == pytest.approx(0.5, rel=1e-4)
+    assert network_change(vit_training('--clip_grad', '0')) > 5
 
 # -----------------------------------------------------------------------------
 # whole runs
@@ -344,16 +349,13 @@ def test_timm_run_trains_reloads_and_answers_an_outside_query(name, extra, synth
     statistics = pd.read_csv(csv)
     assert statistics['epoch'].tolist() == [0, 1] and statistics['loss'].notna().iloc[1]
     database = torch.load(f'{prefix}_data_base.pth', weights_only=True)
-    # the saved model rebuilds from its stored arguments and reproduces the stored embeddings
-    checkpoint = torch.load(f'{prefix}_model.pth', weights_only=True)
-    run = checkpoint['args']
-    model = Model(run['backbone_type'], run['feature_dim'], pretrained='none', pooling=run['pooling'],
-                  image_size=run['image_size'])
-    model.load_state_dict(checkpoint['model'])
+    # the saved model rebuilds from its stored arguments (its image size too) and reproduces the stored embeddings
+    model = Model.from_file(f'{prefix}_model.pth')
+    run = model.run_args
     _, test_transform = build_transforms(model.backbone_spec, run['image_size'])
     loader = torch.utils.data.DataLoader(ImageDataset(database['test_images'][:16], [0] * 16, test_transform),
                                          batch_size=8)
-    torch.testing.assert_close(train.embed(model, loader), database['test_embeddings'][:16], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(embed(model, loader), database['test_embeddings'][:16], atol=1e-5, rtol=1e-4)
     # test.py embeds an image from outside the database with the same model and convention
     query = outside_image(tmp_path, database)
     query_tool.main(['--data_base', f'{prefix}_data_base.pth', '--query_img_name', query, '--retrieval_num', '4',
@@ -377,6 +379,6 @@ def test_pretrained_lite0_retrieves_clearly_better_than_random_init_before_train
         model = Model('efficientnet_lite0', pretrained=pretrained)
         _, test_transform = build_transforms(model.backbone_spec, 64)
         loader = torch.utils.data.DataLoader(ImageDataset(paths, labels, test_transform), batch_size=100)
-        recall[pretrained] = evaluate(train.embed(model, loader, progress=False), labels, (1,), metrics=('recall',))['recall@1']
+        recall[pretrained] = evaluate(embed(model, loader, progress=False), labels, (1,), metrics=('recall',))['recall@1']
     print(f'epoch-0 R@1: pretrained {recall["imagenet"]:.3f}, random init {recall["none"]:.3f}')
     assert recall['imagenet'] > recall['none'] + 0.10
