@@ -425,7 +425,7 @@ class Model(nn.Module):
         saved = load_torch_file(path, 'model file', ('model', 'args'), not_found=not_found)
         run_args = saved['args']
         model = cls(run_args['backbone_type'], run_args['feature_dim'], pretrained='none', pooling=run_args['pooling'],
-                    image_size=run_args['image_size'])
+                    image_size=run_args.get('image_size'))
         model.load_state_dict(saved['model'])
         model.run_args = run_args
         return model.eval()
