@@ -240,6 +240,7 @@ def test_missing_weights_stop_a_run_before_any_work(hub_cache, tmp_path):
 # EfficientNet-Lite0 with its real ImageNet weights
 
 
+@pytest.mark.slow  # three Lite0 networks at 224 px
 def test_lite0_gives_the_packages_logits_and_keeps_relu6():
     from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite_pytorch.utils import MemoryEfficientSwish, Swish
