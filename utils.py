@@ -298,20 +298,23 @@ def nearest_neighbours(queries, gallery, k, same_set, block_bytes):
     """Gallery indices [queries, k] of the k most similar items, best first, ties to the lower
     index; with same_set the gallery is the queries, and a query skips itself.
 
-    Similarities come in square tiles with a running top-k per query, so the memory beyond the
-    embeddings and the result is about block_bytes, whatever N.
+    Similarities come in tiles with a running top-k per query, so the memory beyond the
+    embeddings and the result is about block_bytes, whatever N. Tiles are square, except that
+    a few queries against another gallery take wide ones: fewer, larger matrix products.
     """
-    tile = max(k + 1, int((block_bytes / 32) ** 0.5))  # a float32 tile and topk's working memory
+    square = max(k + 1, int((block_bytes / 32) ** 0.5))  # a float32 tile and topk's working memory
+    query_tile = square if same_set else min(square, max(1, len(queries)))
+    gallery_tile = square if same_set else max(k + 1, int(block_bytes / 32 / query_tile))
     best = torch.full((len(queries), k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=queries.device)
 
     def merge(first, keys):
         rows = slice(first, first + len(keys))
         best[rows] = torch.cat([best[rows], keys], dim=1).topk(k, dim=1).values
 
-    for q in range(0, len(queries), tile):
+    for q in range(0, len(queries), query_tile):
         # a query set against itself is symmetric: tile (q, g) also serves as (g, q), a third less work
-        for g in range(q if same_set else 0, len(gallery), tile):
-            similarities = queries[q:q + tile] @ gallery[g:g + tile].t()
+        for g in range(q if same_set else 0, len(gallery), gallery_tile):
+            similarities = queries[q:q + query_tile] @ gallery[g:g + gallery_tile].t()
             if same_set and g == q:
                 similarities.fill_diagonal_(float('-inf'))
             merge(q, tile_top_keys(similarities, k, g))
