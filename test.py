@@ -10,22 +10,38 @@ set; it has no class, so its results are framed grey.
                    --query_img_name data/car/car_ims/008055.jpg my_car.jpg my_photos/ --retrieval_num 8
 
 Each query gets {output_dir}/{folder}_{image}/ with query_img.jpg, retrieval_img_{rank}_{similarity}.jpg
-and grid.png; several queries also get {output_dir}/retrieval_summary.png, one row per query.
+and grid.png; several queries also get {output_dir}/retrieval_summary.png, one row per query, and every
+query run writes {output_dir}/index.html, a page of them all.
+
+Any folders of photos become the gallery through an index file, built with a run's saved model and
+brought up to date on every run (only new or changed files are embedded):
+
+    python test.py --model results/{run}_model.pth --gallery ~/Pictures --query_img_name my_car.jpg
 """
 import argparse
+import functools
 import glob
+import hashlib
+import html
+import math
 import os
 import re
+import signal
+import sys
+import time
+import urllib.request
 from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from tqdm import tqdm
 
 from model import Model, embed_images
-from utils import (add_device_argument, atomic_path, database_split, load_database, read_rgb, resolve_device,
-                   run_script, stored_run_name)
+from utils import (add_device_argument, atomic_path, database_split, load_database, load_torch_file,
+                   nearest_neighbours, read_rgb, resolve_device, run_script, save_torch_file, stored_run_name)
 
 GREEN, RED, GREY = (0, 160, 0), (210, 0, 0), (150, 150, 150)
+COLOUR_NAMES = {GREEN: 'green', RED: 'red', GREY: 'grey'}  # the page's names of the frames
 GRID_TILE, SUMMARY_TILE = 240, 120  # pixels of a framed image: the grid is for reading, the summary for scanning
 IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 # how an image becomes an embedding: a model that differs in one of these cannot query the database
@@ -33,22 +49,47 @@ EMBEDDING_ARGS = ('backbone_type', 'pooling', 'feature_dim', 'image_size')
 # 1 - cosine grows with the square of an embedding's error: 0.9999 allows about 1.4 % of it, far above
 # float noise across devices and batch sizes; the weights of another run or epoch move it further
 MIN_REPRODUCED_COSINE = 0.9999
+DEFAULT_QUERY = 'data/car/car_ims/008055.jpg'
+# exact search holds a [queries, gallery chunk] similarity tile and its top-k at a time: this bounds it
+SEARCH_BLOCK_BYTES = 1 << 26
+SEARCHES = ('exact', 'ivf')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Retrieve the gallery images most similar to query images.')
-    parser.add_argument('--query_img_name', nargs='+', default=['data/car/car_ims/008055.jpg'],
-                        help='query images, or folders of them: images of the database or any others')
+    parser.add_argument('--query_img_name', nargs='+', default=None,
+                        help='query images, or folders of them: images of the gallery or any others '
+                             f'(default: {DEFAULT_QUERY}; with --gallery or --index: none, only index)')
     parser.add_argument('--data_base', default='results/car_resnet50_positive_proxy_512_20_seed0_data_base.pth',
                         help='feature database written by train.py')
     parser.add_argument('--model', default=None,
                         help='the model file of the run that wrote the database, to embed queries from outside it '
-                             "(default: {output_dir}/{run name}_model.pth from the database's arguments)")
+                             "(default: {output_dir}/{run name}_model.pth from the database's arguments); "
+                             'with --gallery, the model that embeds the photos (required)')
+    parser.add_argument('--gallery', nargs='+', metavar='FOLDER',
+                        help='search the images under these folders (recursively) instead of --data_base: '
+                             'they are indexed into --index, and only new or changed files are embedded again')
+    parser.add_argument('--index', default=None,
+                        help='the gallery index file (default: {run}_index.pth beside --model); '
+                             'without --gallery it is searched as it is')
+    parser.add_argument('--search', default='exact', choices=SEARCHES,
+                        help="exact: every gallery embedding; ivf: faiss's inverted-file index of --index "
+                             '(built once and kept in it; approximate, needs faiss-cpu)')
+    parser.add_argument('--nprobe', type=int, default=32, help='--search ivf: inverted lists searched per query')
     parser.add_argument('--retrieval_num', type=int, default=8, help='how many images to retrieve per query')
     add_device_argument(parser)
     parser.add_argument('--output_dir', default='results')
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
+    indexing = args.gallery is not None or args.index is not None
+    if args.gallery is not None and args.model is None:
+        parser.error('--gallery needs --model, the _model.pth of the run whose network embeds the photos')
+    if args.search != 'exact' and not indexing:
+        parser.error(f'--search {args.search} searches a gallery index: use it with --gallery or --index')
+    if args.index is None and args.gallery is not None:
+        args.index = default_index_path(args.model)
+    if args.query_img_name is None:
+        args.query_img_name = [] if indexing else [DEFAULT_QUERY]
     return args
 
 
@@ -56,6 +97,20 @@ class Query(NamedTuple):
     embedding: torch.Tensor
     label: int | None  # index into the database's test_classes; None: outside the database, no ground truth
     gallery_index: int | None  # its place in the gallery, to leave it out of its own results
+
+
+class Gallery(NamedTuple):
+    """What queries search: a train.py database's test set, or an index of photo folders."""
+    images: list  # paths
+    embeddings: torch.Tensor
+    labels: list | None  # index into classes; None for an index: photos have no classes
+    classes: list | None
+    name: str  # the flag and file it comes from, for messages
+
+
+def database_gallery(database, path):
+    return Gallery(database['test_images'], database['test_embeddings'], database['test_labels'],
+                   database['test_classes'], f'--data_base {path}')
 
 
 def stored_queries(database):
@@ -84,14 +139,22 @@ def query_paths(names):
     return list({os.path.abspath(p): p for p in paths}.values())
 
 
-def check_outside_image(path, database_path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--query_img_name {path}: no such image or folder, '
-                                f'and not an image of --data_base {database_path}')
+def why_unreadable(path):
+    """None for an image that decodes, else the reason it does not."""
     try:
         read_rgb(path)
-    except OSError as e:  # PIL's UnidentifiedImageError too
-        raise ValueError(f'--query_img_name {path} is not a readable image ({e})') from None
+    except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError... by file
+        return f'{type(e).__name__}: {e}'
+    return None
+
+
+def check_outside_image(path, gallery_name):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--query_img_name {path}: no such image or folder, '
+                                f'and not an image of {gallery_name}')
+    reason = why_unreadable(path)
+    if reason is not None:
+        raise ValueError(f'--query_img_name {path} is not a readable image ({reason})')
 
 
 def query_folder(output_dir, path):
@@ -110,7 +173,7 @@ def check_distinct_folders(paths, output_dir):
         written_by[folder] = path
 
 # -----------------------------------------------------------------------------
-# embedding queries from outside the database
+# the network: embedding images from outside the database
 
 
 def default_model_path(database):
@@ -118,17 +181,22 @@ def default_model_path(database):
     return os.path.join(run['output_dir'], f'{stored_run_name(run)}_model.pth')
 
 
-def embed_queries(model, paths):
-    """Embeddings of query images as train.py embedded its test set: same size, same batches."""
-    return embed_images(model, paths, model.run_args['image_size'], model.run_args['batch_size'], 'embed queries')
+def embed_queries(model, paths, desc='embed queries', progress=True):
+    """Embeddings of image files as train.py embedded its test set: same size, same batches."""
+    return embed_images(model, paths, model.run_args['image_size'], model.run_args['batch_size'], desc, progress)
+
+
+def read_model(path, device, needed_for):
+    """The network of a run's _model.pth, in eval mode, on device; the run's arguments are its .run_args."""
+    return Model.from_file(path, not_found=f'model file {path} not found: it embeds {needed_for}; '
+                                           f'pass --model PATH, the _model.pth of that run').to(device)
 
 
 def load_model(path, database, database_path, device):
     """The network that wrote the database's embeddings, checked against them, on device."""
-    model = Model.from_file(path, not_found=(
-        f'model file {path} not found: it embeds the queries that are not images of --data_base {database_path}; '
-        f'pass --model PATH, the _model.pth of that run'))
-    run, stored = model.run_args, database['test_embeddings']
+    model = read_model(path, device, f'the queries that are not images of --data_base {database_path}')
+    run = model.run_args
+    stored = database['test_embeddings']
     differences = [f'{key} {run[key]} vs {database["args"][key]}' for key in EMBEDDING_ARGS
                    if run[key] != database['args'][key]]
     if stored.shape[1] != run['feature_dim']:
@@ -136,7 +204,6 @@ def load_model(path, database, database_path, device):
     if differences:
         raise ValueError(f'model {path} does not fit --data_base {database_path}: '
                          f'{"; ".join(differences)} (model vs database)')
-    model.to(device)
     # same architecture is not enough: weights of another run or epoch embed into another space
     cosine = (embed_queries(model, database['test_images'][:1])[0] @ stored[0].float()).item()
     if cosine < MIN_REPRODUCED_COSINE:
@@ -146,30 +213,269 @@ def load_model(path, database, database_path, device):
     return model
 
 # -----------------------------------------------------------------------------
-# retrieval
+# a gallery index of photo folders (--gallery, --index)
+
+# What an index file holds: one row per image (its absolute path, embedding, size in bytes and
+# modification time in ns, which tell a changed file from an unchanged one) and the model it was
+# made with; 'ivf' (optional) is the faiss search structure of exactly these rows.
+INDEX_KEYS = ('paths', 'embeddings', 'sizes', 'mtimes', 'model')
 
 
-def retrieve(gallery, query, own_index, k):
-    """The k gallery images most similar to the query, itself left out when it is one: (indices, similarities)."""
-    available = len(gallery) - (own_index is not None)
-    if not 1 <= k <= available:
-        raise ValueError(f'--retrieval_num {k}: the gallery holds {available} '
-                         f'{"other " if own_index is not None else ""}images')
-    similarities = gallery @ query
-    if own_index is not None:
-        similarities[own_index] = float('-inf')
-    top = similarities.topk(k)
-    return top.indices.tolist(), top.values.tolist()
+def default_index_path(model_path):
+    stem = model_path[:-len('_model.pth')] if model_path.endswith('_model.pth') else os.path.splitext(model_path)[0]
+    return f'{stem}_index.pth'
 
 
-def result_tiles(path, label, indices, similarities, database):
-    """The query then its results, as (image path, frame colour, header, class) tiles."""
-    images, labels, classes = database['test_images'], database['test_labels'], database['test_classes']
-    query_class = 'not in the database' if label is None else classes[label]
-    tiles = [(path, GREY, f'query: {os.path.basename(path)}', query_class)]
+def model_identity(model, path):
+    """What an index records of the network that made it. The fingerprint covers the weights and
+    the input size, all that decides the embeddings: equal fingerprints embed alike."""
+    digest = hashlib.sha256(repr([model.run_args[key] for key in EMBEDDING_ARGS]).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return {'file': os.path.abspath(path), 'run': stored_run_name(model.run_args), 'fingerprint': digest.hexdigest()[:16]}
+
+
+def describe_model(identity):
+    return f'{identity["file"]} (run {identity["run"]}, weights {identity["fingerprint"]})'
+
+
+def load_index(path):
+    return load_torch_file(path, 'gallery index', INDEX_KEYS, writer='test.py --gallery',
+                           not_found=f'--index {path}: no such index; make one with --gallery FOLDER --model PATH')
+
+
+def empty_index(identity, dim):
+    return {'paths': [], 'embeddings': torch.empty(0, dim), 'sizes': torch.empty(0, dtype=torch.int64),
+            'mtimes': torch.empty(0, dtype=torch.int64), 'model': identity}
+
+
+def gallery_files(folders):
+    """Absolute paths of the images under the folders, recursively, sorted; hidden files and
+    folders (.thumbnails, half-written .tmp files) are left out."""
+    files = set()
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f'--gallery {folder}: no such folder')
+        for root, folders_here, names in os.walk(folder):
+            folders_here[:] = [f for f in folders_here if not f.startswith('.')]
+            files.update(os.path.abspath(os.path.join(root, name)) for name in names
+                         if not name.startswith('.') and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+    return sorted(files)
+
+
+def file_stamps(paths):
+    """path -> (size, modification time in ns); a file gone since it was listed is left out."""
+    stamps = {}
+    for path in paths:
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            continue
+        stamps[path] = (status.st_size, status.st_mtime_ns)
+    return stamps
+
+
+def take_rows(index, rows):
+    """The index restricted to rows (a list of positions), in that order; the ivf goes, being built for all."""
+    positions = torch.tensor(rows, dtype=torch.int64)
+    return {**{key: value for key, value in index.items() if key != 'ivf'},
+            'paths': [index['paths'][i] for i in rows], 'embeddings': index['embeddings'][positions],
+            'sizes': index['sizes'][positions], 'mtimes': index['mtimes'][positions]}
+
+
+def append_rows(index, paths, embeddings, stamps):
+    return {**index, 'paths': index['paths'] + paths, 'embeddings': torch.cat([index['embeddings'], embeddings]),
+            'sizes': torch.cat([index['sizes'], torch.tensor([stamps[p][0] for p in paths], dtype=torch.int64)]),
+            'mtimes': torch.cat([index['mtimes'], torch.tensor([stamps[p][1] for p in paths], dtype=torch.int64)])}
+
+
+def embed_readable(model, paths, embed_files, progress):
+    """(embeddings, the paths they are of, {unreadable path: reason}). Files are decoded once: only
+    a chunk that fails is searched for the files that do not decode, which are then left out."""
+    try:
+        return embed_files(model, paths, progress=progress), paths, {}
+    except Exception:
+        unreadable = {path: reason for path in paths if (reason := why_unreadable(path)) is not None}
+        if not unreadable:
+            raise  # not the images: a real error
+    readable = [path for path in paths if path not in unreadable]
+    embeddings = (embed_files(model, readable, progress=progress) if readable
+                  else torch.empty(0, model.feature_dim))
+    return embeddings, readable, unreadable
+
+
+class IndexReport(NamedTuple):
+    images: int
+    unchanged: int
+    new: int
+    changed: int
+    deleted: int
+    unreadable: dict  # path -> reason
+
+    def __str__(self):
+        return (f'{self.images} images indexed: {self.new} new, {self.changed} changed, {self.deleted} deleted, '
+                f'{self.unchanged} unchanged' + (f', {len(self.unreadable)} unreadable skipped' * bool(self.unreadable)))
+
+
+def update_index(path, folders, model, identity, embed_files=functools.partial(embed_queries, desc='embed photos'),
+                 chunk_images=None, save_every_s=60.0, progress=True):
+    """Bring the index at `path` up to date with the images under `folders`, embedding only new and
+    changed files; returns (index, IndexReport).
+
+    Work in progress is saved (atomically) after the first chunk of chunk_images images that ends
+    save_every_s after the last save, and at once if the run is interrupted, so a rerun goes on from
+    there: an interrupted run never loses what it had already indexed.
+    """
+    if os.path.exists(path):
+        index = load_index(path)
+        if index['model']['fingerprint'] != identity['fingerprint']:
+            raise ValueError(f'--index {path} was made with model {describe_model(index["model"])}, not with '
+                             f'--model {describe_model(identity)}; pass that --model, or another --index '
+                             f'to make a new one')
+    else:
+        index = empty_index(identity, model.feature_dim)
+    stamps = file_stamps(gallery_files(folders))
+    unchanged = [i for i, p in enumerate(index['paths'])
+                 if stamps.get(p) == (index['sizes'][i].item(), index['mtimes'][i].item())]
+    indexed = set(index['paths'])
+    new = [p for p in stamps if p not in indexed]
+    changed = sorted(indexed.intersection(stamps) - {index['paths'][i] for i in unchanged})
+    deleted = len(index['paths']) - len(unchanged) - len(changed)
+    todo = sorted(new + changed)
+    unreadable = {}
+    if todo or deleted or not os.path.exists(path):
+        kept = len(unchanged)
+        index = take_rows(index, unchanged)  # changed files' old embeddings are wrong now
+        index['model'] = identity  # the same fingerprint; the file may have moved
+        chunk_images = chunk_images or 8 * model.run_args['batch_size']
+        last_save, bar = time.monotonic(), tqdm(total=len(todo), desc='index', unit='image', disable=not progress,
+                                                dynamic_ncols=True)
+        try:
+            for start in range(0, len(todo), chunk_images):
+                embeddings, done, skipped = embed_readable(model, todo[start:start + chunk_images], embed_files,
+                                                           progress)
+                index = append_rows(index, done, embeddings, stamps)
+                unreadable.update(skipped)
+                bar.update(len(done) + len(skipped))
+                if time.monotonic() - last_save >= save_every_s:
+                    save_torch_file(index, path)
+                    last_save = time.monotonic()
+        except BaseException:  # Ctrl-C, SIGTERM (see __main__), or an error: keep what is embedded
+            save_torch_file(index, path)
+            raise
+        finally:
+            bar.close()
+        if len(index['paths']) > kept or changed or deleted or not os.path.exists(path):  # else: only unreadable
+            # in path order, so that an index updated in steps is the one a single run makes
+            index = take_rows(index, sorted(range(len(index['paths'])), key=index['paths'].__getitem__))
+            save_torch_file(index, path)
+    # what became of each file: an unreadable one is counted as such, not as new or changed
+    return index, IndexReport(len(index['paths']), len(unchanged), len(set(new) - unreadable.keys()),
+                              len(set(changed) - unreadable.keys()), deleted, unreadable)
+
+
+def index_gallery(index, path):
+    return Gallery(index['paths'], index['embeddings'], None, None, f'--index {path}')
+
+# -----------------------------------------------------------------------------
+# search
+
+
+def require_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ModuleNotFoundError('--search ivf needs faiss: pip install faiss-cpu==1.15.1 '
+                                  '(or pip install -r requirements-bench.txt)') from None
+    return faiss
+
+
+def ivf_lists(n):
+    # about sqrt(N) lists: a query scans the list centres and nprobe lists of ~sqrt(N) rows each
+    return max(1, round(math.sqrt(n)))
+
+
+def build_ivf(embeddings):
+    """faiss's inverted-file index (exact inner products within the lists it scans) of the rows."""
+    faiss = require_faiss()
+    ivf = faiss.index_factory(embeddings.shape[1], f'IVF{ivf_lists(len(embeddings))},Flat', faiss.METRIC_INNER_PRODUCT)
+    # k-means on at most 64 rows per list: a few seconds at 1M rows, where faiss's default 256 takes minutes
+    ivf.cp.max_points_per_centroid = 64
+    rows = embeddings.float().numpy()
+    ivf.train(rows)
+    ivf.add(rows)
+    return ivf
+
+
+def index_ivf(index, path, nprobe):
+    """The index's ivf, built and saved into it the first time (and after every change of its rows)."""
+    faiss = require_faiss()
+    if 'ivf' in index:
+        ivf = faiss.deserialize_index(index['ivf'].numpy())
+    else:
+        start = time.perf_counter()
+        ivf = build_ivf(index['embeddings'])
+        save_torch_file({**index, 'ivf': torch.from_numpy(faiss.serialize_index(ivf))}, path)
+        print(f'{path}: built its ivf ({ivf.nlist} lists) in {time.perf_counter() - start:.1f} s')
+    ivf.nprobe = nprobe
+    return ivf
+
+
+def ivf_neighbours(ivf, queries, gallery, k, block_bytes):
+    """Like nearest_neighbours, from the lists the ivf scans; a query whose lists hold under k rows
+    is answered by exact search."""
+    _, neighbours = ivf.search(queries.numpy(), k)
+    neighbours = torch.from_numpy(neighbours)
+    short = (neighbours < 0).any(dim=1)
+    if short.any():
+        neighbours[short] = nearest_neighbours(queries[short], gallery, k, False, block_bytes)
+    return neighbours
+
+
+def search(gallery, queries, k, ivf=None, block_bytes=SEARCH_BLOCK_BYTES):
+    """(indices, similarities) of the k most similar gallery images of each Query, best first, ties
+    to the lower index (exact search); a query of the gallery is left out of its own results."""
+    for query in queries:
+        available = len(gallery.images) - (query.gallery_index is not None)
+        if not 1 <= k <= available:
+            raise ValueError(f'--retrieval_num {k}: the gallery holds {available} '
+                             f'{"other " if query.gallery_index is not None else ""}images')
+    wanted = min(k + 1, len(gallery.images))  # one more, in case a query finds itself
+    embeddings = torch.stack([query.embedding for query in queries]).float()
+    if ivf is None:
+        neighbours = nearest_neighbours(embeddings, gallery.embeddings.float(), wanted, False, block_bytes)
+    else:
+        neighbours = ivf_neighbours(ivf, embeddings, gallery.embeddings.float(), wanted, block_bytes)
+    results = []
+    for query, row in zip(queries, neighbours.tolist()):
+        row = [i for i in row if i != query.gallery_index][:k]
+        results.append((row, (gallery.embeddings[row].float() @ query.embedding.float()).tolist()))
+    return results
+
+
+class Tile(NamedTuple):
+    path: str
+    colour: tuple
+    header: str
+    caption: str  # the class, or what stands in for it
+    class_name: str | None = None  # the class when known (the page's labels)
+
+
+def result_tiles(path, label, indices, similarities, gallery):
+    """The query then its results as tiles. Without classes (an index) a result's caption is its file name."""
+    if gallery.classes is None:
+        tiles = [Tile(path, GREY, f'query: {os.path.basename(path)}', '')]
+        return tiles + [Tile(gallery.images[index], GREY, f'#{rank}  {similarity:.3f}',
+                             os.path.basename(gallery.images[index]))
+                        for rank, (index, similarity) in enumerate(zip(indices, similarities), 1)]
+    images, labels, classes = gallery.images, gallery.labels, gallery.classes
+    query_class = None if label is None else classes[label]
+    tiles = [Tile(path, GREY, f'query: {os.path.basename(path)}', query_class or 'not in the database', query_class)]
     for rank, (index, similarity) in enumerate(zip(indices, similarities), 1):
         colour = GREY if label is None else GREEN if labels[index] == label else RED
-        tiles.append((images[index], colour, f'#{rank}  {similarity:.3f}', classes[labels[index]]))
+        tiles.append(Tile(images[index], colour, f'#{rank}  {similarity:.3f}', classes[labels[index]],
+                          classes[labels[index]]))
     return tiles
 
 # -----------------------------------------------------------------------------
@@ -203,8 +509,8 @@ def wrap(text, font, width, max_lines):
 
 
 def draw_sheet(rows, tile):
-    """Rows of tiles on one white image: each framed image in a tile x tile box, its header (one
-    line) and class (two lines at most) under it; a wider gap after the first column sets the query apart."""
+    """Rows of Tiles on one white image: each framed image in a tile x tile box, its header (one
+    line) and caption (two lines at most) under it; a wider gap after the first column sets the query apart."""
     font = ImageFont.load_default(size=max(10, tile // 14))
     line, pad = round(1.25 * font.size), max(4, tile // 16)
     cell_width, cell_height = tile + 2 * pad, tile + 2 * pad + 3 * line
@@ -212,11 +518,11 @@ def draw_sheet(rows, tile):
     sheet = Image.new('RGB', (max(map(len, rows)) * cell_width + gap, len(rows) * cell_height), 'white')
     draw = ImageDraw.Draw(sheet)
     for r, row in enumerate(rows):
-        for c, (path, colour, header, class_name) in enumerate(row):
+        for c, shown in enumerate(row):
             left, top = c * cell_width + (gap if c else 0), r * cell_height
-            image = framed(path, colour, tile)
+            image = framed(shown.path, shown.colour, tile)
             sheet.paste(image, (left + (cell_width - image.width) // 2, top + pad + (tile - image.height) // 2))
-            lines = wrap(header, font, width, max_lines=1) + wrap(class_name, font, width, max_lines=2)
+            lines = wrap(shown.header, font, width, max_lines=1) + wrap(shown.caption, font, width, max_lines=2)
             for i, text in enumerate(lines):
                 draw.text((left + cell_width // 2, top + pad + tile + pad // 2 + i * line), text,
                           fill='black', font=font, anchor='mt')
@@ -229,52 +535,158 @@ def save_png(image, path):
 
 
 def write_query_results(tiles, similarities, folder):
-    """The framed query and results as jpgs, and their grid."""
+    """The framed query and results as jpgs, and their grid; returns the jpgs' paths, query first."""
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, 'retrieval_img_*.jpg')):  # an earlier query's results
         os.remove(stale)
-    framed(tiles[0][0], GREY).save(os.path.join(folder, 'query_img.jpg'))
-    for rank, ((path, colour, *_), similarity) in enumerate(zip(tiles[1:], similarities), 1):
-        framed(path, colour).save(os.path.join(folder, f'retrieval_img_{rank}_{similarity:.4f}.jpg'))
+    jpgs = [os.path.join(folder, 'query_img.jpg')] + [os.path.join(folder, f'retrieval_img_{rank}_{similarity:.4f}.jpg')
+                                                      for rank, similarity in enumerate(similarities, 1)]
+    for shown, jpg in zip(tiles, jpgs):
+        framed(shown.path, shown.colour).save(jpg)
     save_png(draw_sheet([tiles], GRID_TILE), os.path.join(folder, 'grid.png'))
+    return jpgs
+
+
+
+# -----------------------------------------------------------------------------
+# the page: {output_dir}/index.html
+
+PAGE_STYLE = '''body { font: 14px sans-serif; margin: 1em; }
+section { display: flex; align-items: flex-start; gap: 6px; margin-bottom: 1.5em; }
+figure { margin: 0; width: 160px; text-align: center; }
+figure.query { margin-right: 1.5em; }
+img { max-width: 160px; max-height: 160px; }
+figcaption { font-size: 12px; overflow-wrap: anywhere; }'''
+
+
+def link(path, output_dir):
+    """A relative URL from the page to path: the folder can move, and the page opens from disk."""
+    return html.escape(urllib.request.pathname2url(os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))))
+
+
+def page_figure(shown, jpg, output_dir, kind, rank=None, similarity=None):
+    data = {'frame': COLOUR_NAMES[shown.colour], 'class': shown.class_name, 'rank': rank,
+            'similarity': None if similarity is None else f'{similarity:.4f}'}
+    attributes = ''.join(f' data-{key}="{html.escape(str(value))}"' for key, value in data.items() if value is not None)
+    lines = [shown.header, shown.caption] if shown.caption else [shown.header]
+    return (f'<figure class="{kind}"{attributes}><a href="{link(shown.path, output_dir)}">'
+            f'<img src="{link(jpg, output_dir)}" alt="{html.escape(shown.header)}"></a>'
+            f'<figcaption>{"<br>".join(map(html.escape, lines))}</figcaption></figure>')
+
+
+def write_page(shown_queries, gallery_name, output_dir):
+    """One self-contained page of a query run: a row per query, its framed query and results as in
+    the grids, each linking to its original image. shown_queries: (tiles, similarities, jpgs) each."""
+    sections = []
+    for tiles, similarities, jpgs in shown_queries:
+        figures = [page_figure(tiles[0], jpgs[0], output_dir, 'query')]
+        figures += [page_figure(shown, jpg, output_dir, 'result', rank, similarity)
+                    for rank, (shown, jpg, similarity) in enumerate(zip(tiles[1:], jpgs[1:], similarities), 1)]
+        sections.append(f'<section>{"".join(figures)}</section>')
+    legend = ('frames: green, the query\'s class; red, another class; grey, no class known (an image from '
+              'outside the database, or a gallery index of photos)')
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{len(shown_queries)} queries</title>'
+            f'<style>\n{PAGE_STYLE}\n</style></head><body>\n<h1>{len(shown_queries)} queries of {html.escape(gallery_name)}'
+            f'</h1>\n<p>{html.escape(legend)}; each image links to its file.</p>\n' + '\n'.join(sections)
+            + '\n</body></html>\n')
+    path = os.path.join(output_dir, 'index.html')
+    with atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        f.write(page)
+    return path
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def open_database(args):
+    """(gallery, the stored Query of an absolute path or None, a function embedding outside images)."""
+    database = load_database(args.data_base)
+    stored = stored_queries(database)
+
+    def embed_outside(paths):
+        model = load_model(args.model or default_model_path(database), database, args.data_base, args.device)
+        return embed_queries(model, paths)
+    return database_gallery(database, args.data_base), stored.get, embed_outside
+
+
+def open_index(args):
+    """As open_database, for an index of --gallery folders, brought up to date first; and its ivf."""
+    model = None
+    if args.gallery is not None:
+        model = read_model(args.model, args.device, f'the images of --gallery into --index {args.index}')
+        index, report = update_index(args.index, args.gallery, model, model_identity(model, args.model))
+        for path, reason in report.unreadable.items():
+            print(f'skipped {path}: not a readable image ({reason})')
+        print(f'{args.index}: {report}')
+    else:
+        index = load_index(args.index)
+    gallery = index_gallery(index, args.index)
+    positions = {path: i for i, path in enumerate(index['paths'])} if args.query_img_name else {}
+
+    def stored(path):
+        i = positions.get(path)
+        return None if i is None else Query(index['embeddings'][i], None, i)
+
+    def embed_outside(paths):
+        nonlocal model
+        if model is None:  # the index's own model, unless --model names another file of it
+            path = args.model or index['model']['file']
+            model = read_model(path, args.device, f'the queries that are not images of --index {args.index}')
+            if model_identity(model, path)['fingerprint'] != index['model']['fingerprint']:
+                raise ValueError(f'--index {args.index} was made with model {describe_model(index["model"])}, '
+                                 f'not with --model {describe_model(model_identity(model, path))}')
+        return embed_queries(model, paths)
+    ivf = index_ivf(index, args.index, args.nprobe) if args.search == 'ivf' and args.query_img_name else None
+    return gallery, stored, embed_outside, ivf
+
+
+def outcome(gallery, label, indices):
+    if gallery.labels is None:
+        return f'{len(indices)} results (an index of photos has no classes)'
+    if label is None:
+        return f'outside the database, no ground truth; {len(indices)} results'
+    correct = sum(gallery.labels[i] == label for i in indices)
+    return f'{correct}/{len(indices)} retrieved images share the query class {gallery.classes[label]!r}'
 
 
 def main(argv=None):
     args = parse_args(argv)
-    database = load_database(args.data_base)
+    if args.gallery is not None or args.index is not None:
+        gallery, stored, embed_outside, ivf = open_index(args)
+    else:
+        (gallery, stored, embed_outside), ivf = open_database(args), None
     paths = query_paths(args.query_img_name)
+    if not paths:
+        return
     check_distinct_folders(paths, args.output_dir)
-    stored = stored_queries(database)
-    queries = {p: stored[os.path.abspath(p)] for p in paths if os.path.abspath(p) in stored}
+    queries = {p: query for p in paths if (query := stored(os.path.abspath(p))) is not None}
     outside = [p for p in paths if p not in queries]
     for path in outside:
-        check_outside_image(path, args.data_base)
+        check_outside_image(path, gallery.name)
     if outside:  # only these need the model
-        model = load_model(args.model or default_model_path(database), database, args.data_base, args.device)
-        for path, embedding in zip(outside, embed_queries(model, outside)):
+        for path, embedding in zip(outside, embed_outside(outside)):
             queries[path] = Query(embedding, None, None)
 
     # every retrieval before any file, so that an error leaves no partial output
-    results = {p: retrieve(database['test_embeddings'], queries[p].embedding, queries[p].gallery_index,
-                           args.retrieval_num) for p in paths}
-    rows = []
-    for path in paths:
-        label, (indices, similarities) = queries[path].label, results[path]
-        rows.append(result_tiles(path, label, indices, similarities, database))
+    results = search(gallery, [queries[p] for p in paths], args.retrieval_num, ivf)
+    rows, shown = [], []
+    for path, (indices, similarities) in zip(paths, results):
+        rows.append(result_tiles(path, queries[path].label, indices, similarities, gallery))
         folder = query_folder(args.output_dir, path)
-        write_query_results(rows[-1], similarities, folder)
-        if label is None:
-            outcome = f'outside the database, no ground truth; {len(indices)} results'
-        else:
-            correct = sum(database['test_labels'][i] == label for i in indices)
-            outcome = (f'{correct}/{len(indices)} retrieved images share the query class '
-                       f'{database["test_classes"][label]!r}')
-        print(f'{path}: {outcome}; written to {folder}/ (grid.png)')
+        shown.append((rows[-1], similarities, write_query_results(rows[-1], similarities, folder)))
+        print(f'{path}: {outcome(gallery, queries[path].label, indices)}; written to {folder}/ (grid.png)')
     if len(rows) > 1:
         summary = os.path.join(args.output_dir, 'retrieval_summary.png')
         save_png(draw_sheet(rows, SUMMARY_TILE), summary)
         print(f'{len(rows)} queries side by side: {summary}')
+    print(f'all of them on one page: {write_page(shown, gallery.name, args.output_dir)}')
+
+
+def stop_on_sigterm(signum, frame):
+    # SystemExit unwinds like Ctrl-C does: an indexing run saves what it has embedded
+    sys.exit(f'stopped by signal {signum}')
 
 
 if __name__ == '__main__':
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     run_script(main)

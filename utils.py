@@ -81,10 +81,11 @@ def load_torch_file(path, what, required_keys=(), writer='train.py', not_found=N
 
 
 def run_script(main, argv=None):
-    """The tail of every script: bad input ends in one 'error: ...' line, not a traceback."""
+    """The tail of every script: bad input, or a missing optional package (faiss, onnx), ends in one
+    'error: ...' line, not a traceback."""
     try:
         main(argv)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f'error: {e}')
 
 

@@ -1,10 +1,12 @@
 """Shared fixtures: the synthetic data set and one short training run on it, made once per session;
-the devices to run device-dependent tests on (CUDA too, where there is one)."""
+a tiny untrained model file; the devices to run device-dependent tests on (CUDA too, where there is one)."""
 import pytest
 import torch
 
 import data_utils
 import train
+import utils
+from model import Model
 
 
 @pytest.fixture(params=['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])
@@ -29,3 +31,18 @@ def trained_run(synthetic_path, tmp_path_factory):
     train.main(argv)
     args = train.parse_args(argv)
     return {'args': args, 'prefix': f'{output_dir}/{args.run_name}'}
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+    """A run's _model.pth without training, written as train.py writes it: resnet18 with random
+    weights (seed 0) at 32 px; for the tools that only use a model file (index, export, page)."""
+    output_dir = str(tmp_path_factory.mktemp('tiny_run'))
+    args = train.parse_args(['--data_name', 'synthetic', '--backbone_type', 'resnet18', '--pretrained', 'none',
+                             '--image_size', '32', '--batch_size', '8', '--num_epochs', '1', '--num_workers', '0',
+                             '--output_dir', output_dir])
+    torch.manual_seed(0)
+    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn)
+    path = f'{output_dir}/{args.run_name}_model.pth'
+    utils.save_torch_file({'model': model.state_dict(), 'proxies': {}, 'epoch': 1, 'args': vars(args)}, path)
+    return {'args': args, 'model_file': path}
