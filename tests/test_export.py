@@ -1,0 +1,107 @@
+"""utils.py export: a run's embedding network as ONNX, which onnxruntime runs as PyTorch does."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import test as query_tool  # the repository's test.py, not a test module
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def draw_photo(path, colour, size):
+    image = Image.new('RGB', size, 'skyblue')
+    ImageDraw.Draw(image).ellipse((size[0] // 5, size[1] // 6, 4 * size[0] // 5, 5 * size[1] // 6), fill=colour)
+    image.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def exported(tiny_run):
+    onnxruntime = utils.import_export_packages('onnx')  # without them: an error that says what to install
+    utils.main(['export', '--model', tiny_run['model_file'], '--format', 'onnx'])
+    onnx_file = tiny_run['model_file'].removesuffix('.pth') + '.onnx'  # the default: beside the model
+    model = query_tool.read_model(tiny_run['model_file'], 'cpu', 'the test')
+    return {'onnx': onnx_file, 'model': model, 'run': model.run_args,
+            'session': onnxruntime.InferenceSession(onnx_file, providers=['CPUExecutionProvider'])}
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('photos')
+    sizes = [(90, 60), (40, 75), (33, 33), (120, 47), (64, 64), (50, 90), (77, 41)]  # odd sizes test the crop
+    colours = ['red', 'green', 'yellow', 'purple', 'orange', 'black', 'white']
+    return [draw_photo(folder / f'p{i}.{"png" if i % 2 else "jpg"}', c, s)
+            for i, (s, c) in enumerate(zip(sizes, colours))]
+
+
+@pytest.mark.slow
+def test_onnxruntime_embeds_batches_of_any_size_as_pytorch_does(exported, photos):
+    session, model = exported['session'], exported['model']
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # a named, dynamic batch dimension
+    transform = utils.build_transforms(model.backbone_spec, exported['run']['image_size'])[1]
+    images = torch.stack([transform(utils.read_rgb(p)) for p in photos])
+    for batch in (1, 3, 7):
+        with torch.no_grad():
+            expected = model(images[:batch]).numpy()
+        embeddings = session.run(['embeddings'], {'images': images[:batch].numpy()})[0]
+        assert embeddings.shape == (batch, exported['run']['feature_dim'])
+        assert np.abs(embeddings - expected).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_the_preprocessing_is_written_in_the_file_and_beside_it(exported):
+    metadata = exported['session'].get_modelmeta().custom_metadata_map
+    sidecar = exported['onnx'].removesuffix('.onnx') + '_preprocessing.json'
+    with open(sidecar) as f:
+        assert json.load(f)['preprocessing'] == json.loads(metadata['preprocessing'])
+    steps = json.loads(metadata['preprocessing'])['steps']
+    # the tiny run's test transform: 32 px crops of images resized to 32 * 256 / 224
+    assert [s['step'] for s in steps] == ['resize', 'center_crop', 'to_tensor', 'normalize']
+    assert steps[0]['shorter_side'] == 37 and (steps[1]['height'], steps[1]['width']) == (32, 32)
+    assert steps[3]['mean'] == [0.485, 0.456, 0.406] and steps[3]['std'] == [0.229, 0.224, 0.225]
+    assert json.loads(metadata['run'])['backbone_type'] == 'resnet18'
+
+
+def readme_snippet():
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    return re.search(r'<!-- onnxruntime snippet -->\n```python\n(.*?)```', readme, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_the_readme_snippet_embeds_an_image_as_test_py_does(exported, photos):
+    snippet = readme_snippet()
+    assert len(snippet.strip().splitlines()) <= 12
+    onnx_file, image = re.findall(r"'([^']+\.(?:onnx|jpg))'", snippet)
+    namespace = {}
+    for photo in photos:
+        exec(snippet.replace(onnx_file, exported['onnx']).replace(image, photo), namespace)
+        expected = query_tool.embed_queries(exported['model'], [photo], progress=False)[0]
+        assert np.abs(namespace['embedding'] - expected.numpy()).max() < 1e-4
+
+
+def test_a_missing_model_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f'model file {tmp_path}/none_model.pth not found'):
+        utils.main(['export', '--model', str(tmp_path / 'none_model.pth')])
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_without_the_export_packages_it_says_what_to_install(tiny_run, tmp_path):
+    # onnxscript made unimportable, as in an environment without requirements-export.txt
+    script = ("import runpy, sys; sys.modules['onnxscript'] = None; "
+              f"sys.argv = ['utils.py', 'export', '--model', {tiny_run['model_file']!r}, '--out', {str(tmp_path / 'm.onnx')!r}]; "
+              "runpy.run_path('utils.py', run_name='__main__')")
+    cli = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT)
+    assert cli.returncode != 0 and not os.listdir(tmp_path)
+    assert cli.stderr.strip().splitlines()[-1] == (
+        'error: export --format onnx needs onnx, onnxscript and onnxruntime (onnxscript is missing): '
+        'pip install -r requirements-export.txt')
