@@ -18,12 +18,13 @@ file stamps), which is what a query-only run (--index, no --gallery) starts with
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from measure import peak_rss_mb, pin_threads, rss_mb  # beside this script; loads neither numpy nor torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the script lives in benchmarks/, test.py in the repo root
@@ -48,24 +49,12 @@ parser.add_argument('--child', help=argparse.SUPPRESS)  # internal: one method o
 parser.add_argument('--data', help=argparse.SUPPRESS)
 args = parser.parse_args()
 
-# Before numpy/torch/faiss load: their thread pools size themselves from these at start-up
-for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
-    os.environ[var] = str(args.threads)
+pin_threads(args.threads)  # before numpy and torch are imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(args.threads)
-PAGE_MB = os.sysconf('SC_PAGE_SIZE') / 2 ** 20
-
-
-def rss_mb():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * PAGE_MB
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def timed(function):
