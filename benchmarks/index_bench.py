@@ -43,7 +43,8 @@ parser.add_argument('--scene_size', type=int, default=5, help='photos per scene,
 parser.add_argument('--spread', type=float, default=1.5,
                     help="a photo's distance from its scene's centre, relative to the centre's (larger: harder)")
 parser.add_argument('--topic_spread', type=float, default=1.5,
-                    help="a scene centre's distance from its topic, relative to the topic's (larger: topics matter less)")
+                    help="a scene centre's distance from its topic, relative to the topic's "
+                         '(larger: topics matter less)')
 parser.add_argument('--out', help='also write the Markdown table to this file (atomically)')
 parser.add_argument('--child', help=argparse.SUPPRESS)  # internal: one method on --data, JSON on stdout
 parser.add_argument('--data', help=argparse.SUPPRESS)
@@ -112,8 +113,9 @@ def index_file_times(query_tool, gallery):
     """Seconds to write and to read back the index test.py keeps of this gallery."""
     from utils import save_torch_file
     n = len(gallery.images)
-    index = {'paths': gallery.images, 'embeddings': gallery.embeddings, 'sizes': torch.zeros(n, dtype=torch.int64),
-             'mtimes': torch.zeros(n, dtype=torch.int64), 'model': {'file': 'bench', 'run': 'bench', 'fingerprint': '0'}}
+    stamps = torch.zeros(n, dtype=torch.int64)
+    index = {'paths': gallery.images, 'embeddings': gallery.embeddings, 'sizes': stamps, 'mtimes': stamps,
+             'model': {'file': 'bench', 'run': 'bench', 'fingerprint': '0'}}
     path = args.data + '-index.pth'
     _, write = timed(lambda: save_torch_file(index, path))
     _, read = timed(lambda: query_tool.load_index(path))
@@ -188,7 +190,8 @@ def main():
             exact = run('exact', data)
             print(f'  exact: {exact}', flush=True)
             memory = ('≤' if exact['upper_bound'] else '') + f'{exact["extra_mb"]:.0f}'
-            rows.append(f'| {n:,} | exact (default) | – | {memory} | {ms(exact["single"])} | {ms(exact["batch"])} | 1 |')
+            rows.append(f'| {n:,} | exact (default) | – | {memory} | {ms(exact["single"])} | {ms(exact["batch"])} '
+                        f'| 1 |')
             files.append(f'| {n:,} | {exact["file"]["mb"]:.0f} | {exact["file"]["write"]:.1f} | '
                          f'{exact["file"]["read"]:.1f} |')
             ivf = run('ivf', data)

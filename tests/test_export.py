@@ -8,19 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 import test as query_tool  # the repository's test.py, not a test module
 import utils
+from test_query import draw_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def draw_photo(path, colour, size):
-    image = Image.new('RGB', size, 'skyblue')
-    ImageDraw.Draw(image).ellipse((size[0] // 5, size[1] // 6, 4 * size[0] // 5, 5 * size[1] // 6), fill=colour)
-    image.save(path)
-    return str(path)
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +31,7 @@ def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp('photos')
     sizes = [(90, 60), (40, 75), (33, 33), (120, 47), (64, 64), (50, 90), (77, 41)]  # odd sizes test the crop
     colours = ['red', 'green', 'yellow', 'purple', 'orange', 'black', 'white']
-    return [draw_photo(folder / f'p{i}.{"png" if i % 2 else "jpg"}', c, s)
+    return [str(draw_image(folder / f'p{i}.{"png" if i % 2 else "jpg"}', c, s))
             for i, (s, c) in enumerate(zip(sizes, colours))]
 
 
@@ -97,8 +90,8 @@ def test_a_missing_model_file_is_a_clear_error(tmp_path):
 @pytest.mark.slow  # a fresh interpreter importing torch
 def test_without_the_export_packages_it_says_what_to_install(tiny_run, tmp_path):
     # onnxscript made unimportable, as in an environment without requirements-export.txt
-    script = ("import runpy, sys; sys.modules['onnxscript'] = None; "
-              f"sys.argv = ['utils.py', 'export', '--model', {tiny_run['model_file']!r}, '--out', {str(tmp_path / 'm.onnx')!r}]; "
+    argv = ['utils.py', 'export', '--model', tiny_run['model_file'], '--out', str(tmp_path / 'm.onnx')]
+    script = (f"import runpy, sys; sys.modules['onnxscript'] = None; sys.argv = {argv!r}; "
               "runpy.run_path('utils.py', run_name='__main__')")
     cli = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT)
     assert cli.returncode != 0 and not os.listdir(tmp_path)

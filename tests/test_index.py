@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import test as query_tool  # the repository's test.py, not a test module
 from model import Model
@@ -201,7 +200,8 @@ query_tool.update_index({index!r}, [{str(tmp_path / "photos")!r}], model, identi
 def brute_force(gallery, query, k):
     """Indices and similarities of the k best, ties to the lower index, the query's own row left out."""
     similarities = (gallery.embeddings @ query.embedding).tolist()
-    order = sorted((i for i in range(len(similarities)) if i != query.gallery_index), key=lambda i: (-similarities[i], i))
+    others = (i for i in range(len(similarities)) if i != query.gallery_index)
+    order = sorted(others, key=lambda i: (-similarities[i], i))
     return order[:k], [similarities[i] for i in order[:k]]
 
 
