@@ -556,6 +556,7 @@ def write_query_results(tiles, similarities, folder):
 # the page: {output_dir}/index.html
 
 PAGE_STYLE = '''body { font: 14px sans-serif; margin: 1em; }
+h1 { font-size: 1.3em; }
 section { display: flex; align-items: flex-start; gap: 6px; margin-bottom: 1.5em; }
 figure { margin: 0; width: 160px; text-align: center; }
 figure.query { margin-right: 1.5em; }

@@ -13,7 +13,7 @@ file stamps), which is what a query-only run (--index, no --gallery) starts with
 
     pip install -r requirements-bench.txt
     python benchmarks/index_bench.py --sizes 10000             # a quick check, under a minute
-    python benchmarks/index_bench.py --out results/index_bench.md   # 100k and 1M; about 10 minutes
+    python benchmarks/index_bench.py --out results/index_bench.md   # 100k and 1M; about 8 minutes here
 """
 import argparse
 import json
