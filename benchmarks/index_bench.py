@@ -3,8 +3,9 @@ Speed and memory of searching a gallery index (test.py --gallery/--index) at 100
 on synthetic 512-d embeddings (the embedding itself is not timed: it is the network's cost):
 
   exact   test.search: the project's exact blocked top-k (utils.nearest_neighbours), the default
-  ivf     test.search over faiss's IVF-Flat index (test.py --search ivf): build, then --nprobe lists
-          per query; its recall@K against exact search is in the table
+  ivf     test.search over faiss's IVF-Flat index (test.py --search ivf): build (--threads), then
+          --nprobe lists per query (one thread, as test.py searches); its recall@K against exact
+          search is in the table
 
 Each method runs in a fresh child process, so its peak memory is its own: the child loads the
 embeddings, warms up, records its RSS, builds and searches, and reports ru_maxrss minus that RSS.
@@ -13,7 +14,7 @@ file stamps), which is what a query-only run (--index, no --gallery) starts with
 
     pip install -r requirements-bench.txt
     python benchmarks/index_bench.py --sizes 10000             # a quick check, under a minute
-    python benchmarks/index_bench.py --out results/index_bench.md   # 100k and 1M; about 8 minutes here
+    python benchmarks/index_bench.py --out results/index_bench.md   # 100k and 1M; about 3 minutes on 2 idle cores
 """
 import argparse
 import json
@@ -68,9 +69,11 @@ def timed(function):
 
 
 def latencies(search, singles, batch):
-    """Median seconds of a single query (over `singles` different ones) and of one batch (best of 3)."""
+    """Median seconds of a single query (over `singles` different ones) and of one batch (best of 5),
+    after one untimed batch: thread pools left spinning by what ran before have settled."""
+    search(batch)
     single = statistics.median(timed(lambda q=q: search([q]))[1] for q in singles)
-    return single, min(timed(lambda: search(batch))[1] for _ in range(3))
+    return single, min(timed(lambda: search(batch))[1] for _ in range(5))
 
 
 def run_child():
@@ -98,7 +101,7 @@ def run_child():
         ivf, build = timed(lambda: query_tool.build_ivf(gallery_embeddings))
         results = {}
         for nprobe in map(int, args.nprobes.split(',')):
-            ivf.nprobe = nprobe
+            query_tool.prepare_ivf_search(ivf, nprobe)  # as test.py searches: one faiss thread
             single, together = latencies(lambda q: query_tool.search(gallery, q, args.k, ivf=ivf), singles, batch)
             found = np.array([indices for indices, _ in query_tool.search(gallery, batch, args.k, ivf=ivf)])
             results[nprobe] = {'single': single, 'batch': together, 'found': found.tolist()}
@@ -204,7 +207,7 @@ def main():
     table = '\n'.join([
         f'Synthetic photo-collection embeddings ({args.dim}-d, unit norm, scenes of {args.scene_size} photos on '
         f'average, spread {args.spread}, topic spread {args.topic_spread}, seed {args.seed}), {args.threads} threads, '
-        f'k = {args.k}; latency: median of {args.singles} single queries, best of 3 batches of {args.batch}.',
+        f'k = {args.k}; latency: median of {args.singles} single queries, best of 5 batches of {args.batch}.',
         'Memory: peak RSS of the method\'s own process beyond the embeddings, libraries and warm-up'
         + ('; ≤: no new peak above one reached while loading, so an upper bound.' if any('≤' in r for r in rows)
            else '.'),

@@ -236,6 +236,7 @@ def test_ivf_search_probing_every_list_finds_what_exact_search_does():
         assert ivf_indices == indices and ivf_similarities == pytest.approx(similarities, abs=1e-6)
 
 
+@pytest.mark.slow  # several runs of test.py; the ivf itself is tested above
 def test_search_ivf_is_built_once_kept_in_the_index_and_dropped_when_it_changes(tiny_run, tmp_path, capsys):
     photos = make_photos(tmp_path / 'photos')
     index = str(tmp_path / 'index.pth')

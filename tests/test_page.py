@@ -111,6 +111,7 @@ def test_the_page_shows_every_image_framed_as_its_label_says(labelled_database, 
     assert 'green' in frames and 'red' in frames and {shown['frame'] for shown in rows[2]} == {'grey'}
 
 
+@pytest.mark.slow  # a second query run and browser start
 def test_the_page_still_shows_its_images_when_the_results_folder_moves(labelled_database, tmp_path):
     database_file, database = labelled_database
     query_tool.main(['--data_base', database_file, '--query_img_name', database['test_images'][1],
