@@ -33,16 +33,21 @@ def trained_run(synthetic_path, tmp_path_factory):
     return {'args': args, 'prefix': f'{output_dir}/{args.run_name}'}
 
 
-@pytest.fixture(scope='session')
-def tiny_run(tmp_path_factory):
-    """A run's _model.pth without training, written as train.py writes it: resnet18 with random
-    weights (seed 0) at 32 px; for the tools that only use a model file (index, export, page)."""
-    output_dir = str(tmp_path_factory.mktemp('tiny_run'))
-    args = train.parse_args(['--data_name', 'synthetic', '--backbone_type', 'resnet18', '--pretrained', 'none',
+def write_tiny_run(output_dir, backbone_type):
+    """A run's _model.pth without training, written as train.py writes it: random weights (seed 0),
+    32 px; for the tools that only use a model file (index, export, page)."""
+    args = train.parse_args(['--data_name', 'synthetic', '--backbone_type', backbone_type, '--pretrained', 'none',
                              '--image_size', '32', '--batch_size', '8', '--num_epochs', '1', '--num_workers', '0',
                              '--output_dir', output_dir])
     torch.manual_seed(0)
-    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn)
+    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn,
+                  image_size=args.image_size)
     path = f'{output_dir}/{args.run_name}_model.pth'
     utils.save_torch_file({'model': model.state_dict(), 'proxies': {}, 'epoch': 1, 'args': vars(args)}, path)
     return {'args': args, 'model_file': path}
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+    """resnet18, untrained (write_tiny_run)."""
+    return write_tiny_run(str(tmp_path_factory.mktemp('tiny_run')), 'resnet18')

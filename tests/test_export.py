@@ -11,17 +11,22 @@ import torch
 
 import test as query_tool  # the repository's test.py, not a test module
 import utils
+from conftest import write_tiny_run
 from test_query import draw_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def exported(tiny_run):
+BACKBONES = ['resnet18', 'timm:test_vit.r160_in1k']  # a classic CNN, and a timm ViT (random weights)
+
+
+@pytest.fixture(scope='module', params=BACKBONES)
+def exported(request, tmp_path_factory):
     onnxruntime = utils.import_export_packages('onnx')  # without them: an error that says what to install
-    utils.main(['export', '--model', tiny_run['model_file'], '--format', 'onnx'])
-    onnx_file = tiny_run['model_file'].removesuffix('.pth') + '.onnx'  # the default: beside the model
-    model = query_tool.read_model(tiny_run['model_file'], 'cpu', 'the test')
+    model_file = write_tiny_run(str(tmp_path_factory.mktemp('run')), request.param)['model_file']
+    utils.main(['export', '--model', model_file, '--format', 'onnx'])
+    onnx_file = model_file.removesuffix('.pth') + '.onnx'  # the default: beside the model
+    model = query_tool.read_model(model_file, 'cpu', 'the test')
     return {'onnx': onnx_file, 'model': model, 'run': model.run_args,
             'session': onnxruntime.InferenceSession(onnx_file, providers=['CPUExecutionProvider'])}
 
@@ -56,11 +61,13 @@ def test_the_preprocessing_is_written_in_the_file_and_beside_it(exported):
     with open(sidecar) as f:
         assert json.load(f)['preprocessing'] == json.loads(metadata['preprocessing'])
     steps = json.loads(metadata['preprocessing'])['steps']
-    # the tiny run's test transform: 32 px crops of images resized to 32 * 256 / 224
+    # the backbone's input convention at the run's 32 px: resized to 32 / crop fraction, centre crop
+    spec = exported['model'].backbone_spec
     assert [s['step'] for s in steps] == ['resize', 'center_crop', 'to_tensor', 'normalize']
-    assert steps[0]['shorter_side'] == 37 and (steps[1]['height'], steps[1]['width']) == (32, 32)
-    assert steps[3]['mean'] == [0.485, 0.456, 0.406] and steps[3]['std'] == [0.229, 0.224, 0.225]
-    assert json.loads(metadata['run'])['backbone_type'] == 'resnet18'
+    assert steps[0]['shorter_side'] == round(32 / spec.crop_pct) and steps[0]['interpolation'] == spec.interpolation
+    assert (steps[1]['height'], steps[1]['width']) == (32, 32)
+    assert steps[3]['mean'] == pytest.approx(spec.mean) and steps[3]['std'] == pytest.approx(spec.std)
+    assert json.loads(metadata['run'])['backbone_type'] == exported['run']['backbone_type']
 
 
 def readme_snippet():
