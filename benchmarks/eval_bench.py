@@ -26,10 +26,7 @@ import sys
 import tempfile
 import time
 
-from measure import peak_rss_mb, pin_threads, rss_mb  # beside this script; loads neither numpy nor torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the script lives in benchmarks/, utils.py in the repo root
+from measure import peak_rss_mb, pin_threads, rss_mb  # beside this script; puts the repo root on sys.path
 
 parser = argparse.ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:2]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

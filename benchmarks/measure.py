@@ -2,6 +2,11 @@
 count for every library, and the process's memory."""
 import os
 import resource
+import sys
+
+# the benchmarks live in benchmarks/, the project's modules in the repo root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 PAGE_MB = os.sysconf('SC_PAGE_SIZE') / 2 ** 20
 
