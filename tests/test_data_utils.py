@@ -536,6 +536,7 @@ def test_malformed_metadata_exits_naming_file_and_line(tmp_path, data_name, flag
     assert all(part in exited.value.code for part in expected)
 
 
+@pytest.mark.slow  # seconds: a fresh interpreter, or the whole synthetic set generated
 def test_all_prepares_every_dataset(tmp_path):
     make_cub(tmp_path, cub_entries(), nested=True)
     make_cars_annos(tmp_path, car_entries())

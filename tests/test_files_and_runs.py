@@ -153,6 +153,7 @@ def test_a_database_of_an_epoch_before_the_last_has_no_train_split(tmp_path):
 # what the scripts import
 
 
+@pytest.mark.slow  # seconds: a fresh interpreter, or the whole synthetic set generated
 def test_preparing_data_does_not_load_the_plotting_stack():
     loaded = subprocess.run([sys.executable, '-c', 'import sys, data_utils, test; '
                              'print(sorted({m.split(".")[0] for m in sys.modules} & {"matplotlib", "pandas", "scienceplots"}))'],

@@ -124,6 +124,7 @@ def test_no_csv_is_an_error():
         utils.read_statistics([])
 
 
+@pytest.mark.slow  # seconds: a fresh interpreter, or the whole synthetic set generated
 def test_command_line_errors_name_the_file_and_exit_non_zero(tmp_path):
     bad = tmp_path / 'bad_statistics.csv'
     bad.write_text('a,b\n1,2\n')

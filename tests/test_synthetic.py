@@ -2,6 +2,7 @@
 import hashlib
 import os
 
+import pytest
 import torch
 
 from data_utils import COLOURS, DETAILS, PATTERNS, SHAPES, load_splits, prepare_synthetic, split_path
@@ -25,6 +26,7 @@ def test_synthetic_set_is_deterministic_from_its_seed(tmp_path):
     assert digest(tmp_path / 'a') == digest(tmp_path / 'b') != digest(tmp_path / 'c')
 
 
+@pytest.mark.slow  # seconds: a fresh interpreter, or the whole synthetic set generated
 def test_test_classes_are_unseen_combinations_of_seen_attribute_values(synthetic_path):
     splits = torch.load(split_path(synthetic_path, 'synthetic'), weights_only=True)
     train, test = set(splits['train']), set(splits['test'])
@@ -35,6 +37,7 @@ def test_test_classes_are_unseen_combinations_of_seen_attribute_values(synthetic
         assert attributes(test, k) <= attributes(train, k) <= set(values)
 
 
+@pytest.mark.slow  # seconds: a fresh interpreter, or the whole synthetic set generated
 def test_load_splits_generates_the_synthetic_set_when_missing(tmp_path):
     splits = load_splits(str(tmp_path), 'synthetic')
     some_image = splits['test'][sorted(splits['test'])[0]][0]
