@@ -37,13 +37,12 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from model import Model, embed_images
-from utils import (add_device_argument, atomic_path, database_split, load_database, load_torch_file,
+from utils import (IMAGE_EXTENSIONS, add_device_argument, atomic_path, database_split, load_database, load_torch_file,
                    nearest_neighbours, read_rgb, resolve_device, run_script, save_torch_file, stored_run_name)
 
 GREEN, RED, GREY = (0, 160, 0), (210, 0, 0), (150, 150, 150)
 COLOUR_NAMES = {GREEN: 'green', RED: 'red', GREY: 'grey'}  # the page's names of the frames
 GRID_TILE, SUMMARY_TILE = 240, 120  # pixels of a framed image: the grid is for reading, the summary for scanning
-IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 # how an image becomes an embedding: a model that differs in one of these cannot query the database
 EMBEDDING_ARGS = ('backbone_type', 'pooling', 'feature_dim', 'image_size')
 # 1 - cosine grows with the square of an embedding's error: 0.9999 allows about 1.4 % of it, far above
