@@ -309,8 +309,9 @@ def evaluate_epoch(training, loaders, data, args, epoch, progress=True):
     """Embed the test set (and In-shop's queries) and compute every test metric; at the final
     epoch also embed the train set, for the database. Returns ({split: embeddings}, metrics)."""
     def embed_split(split):
+        name = 'validation' if split == 'test' and args.val_fraction else split  # --val_fraction reads no test image
         return embed(training.network, loaders[split], training.world_size, training.amp_dtype,
-                     f'embed {split} set', progress, training.memory_format)
+                     f'embed {name} set', progress, training.memory_format)
     splits = ['test', 'query'] if data.images['query'] else ['test']
     if epoch == args.num_epochs:  # one extra pass, so only for the final model
         splits.append('train')

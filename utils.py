@@ -7,7 +7,7 @@
 - reports: the figures and tables of runs, also from the command line:
 
     python utils.py plot results/*_statistics.csv [--out PREFIX] [--mean_over_seeds]
-    python utils.py table results/*_statistics.csv [--out FILE]
+    python utils.py table results/*_statistics.csv [--out FILE] [--args lr,scale]
     python utils.py map results/{run}_data_base.pth [--out FILE]
     python utils.py structure [--out results/structure.png]
     python utils.py export --model results/{run}_model.pth --format onnx [--out PATH]
@@ -626,6 +626,25 @@ def plot_statistics(statistics, path):
     return plot_runs({run_label(path): statistics}, path)
 
 
+def run_arguments(paths, names):
+    """{run label: {name: value}}: the named arguments of each run, read from the {run}_args.json that
+    train.py writes beside its statistics CSV."""
+    arguments = {}
+    for path in paths:
+        args_path = f'{run_prefix(path)}_args.json'
+        try:
+            with open(args_path, encoding='utf-8') as f:
+                run_args = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f'{args_path}: needed for --args, not a readable {{run}}_args.json of train.py '
+                             f'({e.__class__.__name__}: {e})') from e
+        missing = [name for name in names if name not in run_args]
+        if missing:
+            raise ValueError(f'{args_path}: no argument {", ".join(missing)} (it has {", ".join(run_args)})')
+        arguments[run_label(path)] = {name: run_args[name] for name in names}
+    return arguments
+
+
 def run_row(label, table, columns):
     """A run's row: every metric at its best epoch / at its final epoch."""
     # a run without the table's first metric (other --metrics) is selected by its own first one
@@ -654,25 +673,34 @@ def seed_row(group, members, columns):
         mean_std_cell([final[c] for final in finals if c in final.index], len(finals)) for c in columns]
 
 
-def results_table(runs):
+def results_table(runs, arguments=None):
     """Markdown table of each run's test metrics in %, at its best epoch and at its final epoch, and
     under the runs that differ only in --seed (names ending in _seed{N}), their mean ± std.
+    `arguments` ({label: {argument: value}}, as run_arguments reads them) adds a column per argument
+    after the run's name; a seed group's row shows the values its runs share.
 
     The best epoch is the one with the highest value of the first metric (R@1 by default) on the
     test set itself: that selection is optimistic, which the footnote says.
     """
     columns = metric_columns(runs.values())
-    header = ['run', 'epoch'] + [metric_label(column) for column in columns]
+    names = list(next(iter(arguments.values()))) if arguments else []
+    header = ['run'] + names + ['epoch'] + [metric_label(column) for column in columns]
+
+    def with_arguments(row, labels):
+        shared = [{str(arguments[label][name]) for label in labels} for name in names]
+        return row[:1] + [values.pop() if len(values) == 1 else '–' for values in shared] + row[1:]
+
     rows = []
     for group, members in group_runs(runs).items():
-        rows += [run_row(label, table, columns) for label, table in members.items()]
+        rows += [with_arguments(run_row(label, table, columns), [label]) for label, table in members.items()]
         if len(members) > 1:
-            rows.append(seed_row(group, members, columns))
-    lines = ['| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
+            rows.append(with_arguments(seed_row(group, members, columns), list(members)))
+    lines = ['| ' + ' | '.join(header) + ' |', '|---|' + '---|' * len(names) + '---:|' * (len(header) - 1 - len(names))]
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
     lines += ['', f'Each cell: **best epoch / final epoch**, metrics in %. Best: the epoch with the highest '
-                  f'{metric_label(columns[0])}, every metric read there; it is selected on the test set itself, so '
-                  f'optimistic. Final: the last epoch in the CSV, no selection on the test set.']
+                  f'{metric_label(columns[0])}, every metric read there; it is selected on the test set itself (on '
+                  f'the validation classes for a --val_fraction run), so optimistic. Final: the last epoch in the '
+                  f'CSV, no selection on the test set.']
     if len(rows) > len(runs):
         lines += ['', 'mean ± std: over the runs whose names differ only in their _seed{N} tail, each at its final '
                       'epoch; sample standard deviation (n − 1).']
@@ -958,6 +986,8 @@ def main(argv=None):
                                               'and their mean ± std over runs that differ only in seed')
     table.add_argument('statistics', nargs='+', help='{run}_statistics.csv files; runs are named after them')
     table.add_argument('--out', help='write the table to FILE instead of printing it', metavar='FILE')
+    table.add_argument('--args', help="comma-separated train.py arguments to show as columns, read from each "
+                                      "run's {run}_args.json, e.g. lr,scale", metavar='NAMES')
     embedding_map = commands.add_parser('map', help="t-SNE map of a run's test embeddings, coloured by class")
     embedding_map.add_argument('data_base', help='{run}_data_base.pth written by train.py')
     embedding_map.add_argument('--out', help='PNG path (a PDF goes beside it); default: {run}_embedding_map.png '
@@ -983,7 +1013,9 @@ def main(argv=None):
         plot_runs(read_statistics(args.statistics), out, args.mean_over_seeds)
         print(f'wrote {out} and its PDF')
     elif args.command == 'table':
-        text = results_table(read_statistics(args.statistics))
+        names = [name.strip().lstrip('-') for name in args.args.split(',')] if args.args else []
+        arguments = run_arguments(args.statistics, names) if names else None
+        text = results_table(read_statistics(args.statistics), arguments)
         if args.out is None:
             print(text, end='')
             return

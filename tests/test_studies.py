@@ -1,5 +1,7 @@
 """Studies across seeds: `python utils.py table` and `plot --mean_over_seeds` group the runs whose names
 differ only in their _seed{N} tail."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,3 +110,31 @@ def test_without_seed_partners_the_curves_are_the_runs(tmp_path, mean_over_seeds
     panel = next(ax for ax in fig.axes if ax.get_ylabel() == 'R@1 (%)')
     assert [line.get_label() for line in panel.get_lines()] == ['a_seed0', 'b_seed0']
     assert not panel.collections
+
+
+def write_arguments(paths, **values):
+    """Each run's {run}_args.json as train.py writes it, with `values` ({name: [one per run]})."""
+    for i, path in enumerate(paths):
+        run = path.removesuffix('_statistics.csv')
+        with open(f'{run}_args.json', 'w') as f:
+            json.dump({'seed': i, 'loss_name': 'positive_proxy', **{k: v[i] for k, v in values.items()}}, f)
+
+
+def test_table_shows_the_arguments_asked_for_and_what_a_seed_group_shares(tmp_path, capsys):
+    paths = write_runs(tmp_path, SEEDS)
+    write_arguments(paths, lr=[1e-4] * 3)
+    utils.main(['table', *paths, '--args', 'lr,--seed'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == '| run | lr | seed | epoch | R@1 | MAP@R |'
+    assert lines[2] == f'| {PREFIX}_seed0 | 0.0001 | 0 | 2 / 2 | 50.0 / 50.0 | 20.0 / 20.0 |'
+    # the group's row: the lr its runs share, no single seed
+    assert lines[5] == f'| {PREFIX} (mean ± std, n=3 seeds) | 0.0001 | – | final 2 | 55.0 ± 5.0 | 25.0 ± 5.0 |'
+
+
+def test_table_args_name_the_run_file_that_lacks_them(tmp_path):
+    paths = write_runs(tmp_path, SEEDS)
+    with pytest.raises(ValueError, match=r'seed0_args\.json: needed for --args'):
+        utils.main(['table', *paths, '--args', 'lr'])
+    write_arguments(paths, lr=[1e-4] * 3)
+    with pytest.raises(ValueError, match=r'seed0_args\.json: no argument scale \(it has seed, loss_name, lr\)'):
+        utils.main(['table', *paths, '--args', 'lr,scale'])
