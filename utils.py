@@ -7,7 +7,7 @@
 - reports: the figures and tables of runs, also from the command line:
 
     python utils.py plot results/*_statistics.csv [--out PREFIX] [--mean_over_seeds]
-    python utils.py table results/*_statistics.csv [--out FILE] [--args lr,scale]
+    python utils.py table results/*_statistics.csv [--out FILE] [--args lr,scale] [--epoch N]
     python utils.py map results/{run}_data_base.pth [--out FILE]
     python utils.py structure [--out results/structure.png]
     python utils.py export --model results/{run}_model.pth --format onnx [--out PATH]
@@ -645,8 +645,11 @@ def run_arguments(paths, names):
     return arguments
 
 
-def run_row(label, table, columns):
-    """A run's row: every metric at its best epoch / at its final epoch."""
+def run_row(label, table, columns, epoch=None):
+    """A run's row: every metric at its best epoch / at its final epoch, or at `epoch` alone."""
+    if epoch is not None:
+        at = epoch_row(label, table, epoch)
+        return [label, str(epoch)] + [f'{100 * at[c]:.1f}' if c in table else '–' for c in columns]
     # a run without the table's first metric (other --metrics) is selected by its own first one
     select = columns[0] if columns[0] in table else metric_columns([table])[0]
     best, final = table.loc[table[select].idxmax()], table.iloc[-1]
@@ -654,6 +657,14 @@ def run_row(label, table, columns):
     if select != columns[0]:
         epochs += f' (by {metric_label(select)})'
     return [label, epochs] + [f'{100 * best[c]:.1f} / {100 * final[c]:.1f}' if c in table else '–' for c in columns]
+
+
+def epoch_row(label, table, epoch):
+    """The statistics of a run's `epoch` (0: before training)."""
+    rows = table.loc[table['epoch'] == epoch]
+    if rows.empty:
+        raise ValueError(f'run {label} has no epoch {epoch}: its statistics end at epoch {int(table["epoch"].max())}')
+    return rows.iloc[-1]
 
 
 def mean_std_cell(values, n):
@@ -664,20 +675,25 @@ def mean_std_cell(values, n):
     return cell + (f' (n={len(values)})' if len(values) < n else '')
 
 
-def seed_row(group, members, columns):
-    """A seed group's row: each metric's mean ± sample standard deviation over its runs' final epochs."""
-    finals = [table.iloc[-1] for table in members.values()]
-    epochs = sorted({int(final['epoch']) for final in finals})
-    epoch = f'final {epochs[0]}' + (f'–{epochs[-1]}' if len(epochs) > 1 else '')
-    return [f'{group} (mean ± std, n={len(finals)} seeds)', epoch] + [
-        mean_std_cell([final[c] for final in finals if c in final.index], len(finals)) for c in columns]
+def seed_row(group, members, columns, epoch=None):
+    """A seed group's row: each metric's mean ± sample standard deviation over its runs' final epochs,
+    or over their `epoch`."""
+    if epoch is None:
+        rows = [table.iloc[-1] for table in members.values()]
+        epochs = sorted({int(row['epoch']) for row in rows})
+        shown = f'final {epochs[0]}' + (f'–{epochs[-1]}' if len(epochs) > 1 else '')
+    else:
+        rows, shown = [epoch_row(label, table, epoch) for label, table in members.items()], str(epoch)
+    return [f'{group} (mean ± std, n={len(rows)} seeds)', shown] + [
+        mean_std_cell([row[c] for row in rows if c in row.index], len(rows)) for c in columns]
 
 
-def results_table(runs, arguments=None):
+def results_table(runs, arguments=None, epoch=None):
     """Markdown table of each run's test metrics in %, at its best epoch and at its final epoch, and
     under the runs that differ only in --seed (names ending in _seed{N}), their mean ± std.
     `arguments` ({label: {argument: value}}, as run_arguments reads them) adds a column per argument
-    after the run's name; a seed group's row shows the values its runs share.
+    after the run's name; a seed group's row shows the values its runs share. `epoch` shows every
+    metric at that epoch instead (0: the network before training), with no selection.
 
     The best epoch is the one with the highest value of the first metric (R@1 by default) on the
     test set itself: that selection is optimistic, which the footnote says.
@@ -692,18 +708,22 @@ def results_table(runs, arguments=None):
 
     rows = []
     for group, members in group_runs(runs).items():
-        rows += [with_arguments(run_row(label, table, columns), [label]) for label, table in members.items()]
+        rows += [with_arguments(run_row(label, table, columns, epoch), [label]) for label, table in members.items()]
         if len(members) > 1:
-            rows.append(with_arguments(seed_row(group, members, columns), list(members)))
+            rows.append(with_arguments(seed_row(group, members, columns, epoch), list(members)))
     lines = ['| ' + ' | '.join(header) + ' |', '|---|' + '---|' * len(names) + '---:|' * (len(header) - 1 - len(names))]
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
-    lines += ['', f'Each cell: **best epoch / final epoch**, metrics in %. Best: the epoch with the highest '
-                  f'{metric_label(columns[0])}, every metric read there; it is selected on the test set itself (on '
-                  f'the validation classes for a --val_fraction run), so optimistic. Final: the last epoch in the '
-                  f'CSV, no selection on the test set.']
+    if epoch is None:
+        lines += ['', f'Each cell: **best epoch / final epoch**, metrics in %. Best: the epoch with the highest '
+                      f'{metric_label(columns[0])}, every metric read there; it is selected on the test set itself '
+                      f'(on the validation classes for a --val_fraction run), so optimistic. Final: the last epoch '
+                      f'in the CSV, no selection on the test set.']
+    else:
+        lines += ['', f'Each cell: the metric at epoch {epoch}, in %'
+                      + (' (epoch 0: the network before any training step).' if epoch == 0 else '.')]
     if len(rows) > len(runs):
-        lines += ['', 'mean ± std: over the runs whose names differ only in their _seed{N} tail, each at its final '
-                      'epoch; sample standard deviation (n − 1).']
+        lines += ['', 'mean ± std: over the runs whose names differ only in their _seed{N} tail, each at its '
+                      + ('final epoch' if epoch is None else f'epoch {epoch}') + '; sample standard deviation (n − 1).']
     return '\n'.join(lines) + '\n'
 
 
@@ -988,6 +1008,8 @@ def main(argv=None):
     table.add_argument('--out', help='write the table to FILE instead of printing it', metavar='FILE')
     table.add_argument('--args', help="comma-separated train.py arguments to show as columns, read from each "
                                       "run's {run}_args.json, e.g. lr,scale", metavar='NAMES')
+    table.add_argument('--epoch', type=int, help='every metric at epoch N instead of best / final '
+                                                 '(0: the network before training)', metavar='N')
     embedding_map = commands.add_parser('map', help="t-SNE map of a run's test embeddings, coloured by class")
     embedding_map.add_argument('data_base', help='{run}_data_base.pth written by train.py')
     embedding_map.add_argument('--out', help='PNG path (a PDF goes beside it); default: {run}_embedding_map.png '
@@ -1015,7 +1037,7 @@ def main(argv=None):
     elif args.command == 'table':
         names = [name.strip().lstrip('-') for name in args.args.split(',')] if args.args else []
         arguments = run_arguments(args.statistics, names) if names else None
-        text = results_table(read_statistics(args.statistics), arguments)
+        text = results_table(read_statistics(args.statistics), arguments, args.epoch)
         if args.out is None:
             print(text, end='')
             return

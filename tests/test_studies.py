@@ -138,3 +138,19 @@ def test_table_args_name_the_run_file_that_lacks_them(tmp_path):
     write_arguments(paths, lr=[1e-4] * 3)
     with pytest.raises(ValueError, match=r'seed0_args\.json: no argument scale \(it has seed, loss_name, lr\)'):
         utils.main(['table', *paths, '--args', 'lr,scale'])
+
+
+def test_table_at_epoch_zero_gives_the_untrained_network_per_run_and_per_group():
+    runs = dict(SEEDS)
+    runs[f'{PREFIX}_seed1'] = statistics(0.55, 0.25).assign(**{'recall@1': [0.36, 0.3, 0.55]})
+    lines = utils.results_table(runs, epoch=0).splitlines()
+    assert lines[3] == f'| {PREFIX}_seed1 | 0 | 36.0 | 10.0 |'
+    # R@1 at epoch 0: 30, 36, 30 %: mean 32.0, sample std 3.5
+    assert lines[5] == f'| {PREFIX} (mean ± std, n=3 seeds) | 0 | 32.0 ± 3.5 | 10.0 ± 0.0 |'
+    assert 'before any training step' in lines[7] and 'each at its epoch 0' in lines[-1]
+
+
+def test_table_at_an_epoch_a_run_has_not_reached_names_the_run(tmp_path):
+    paths = write_runs(tmp_path, SEEDS)
+    with pytest.raises(ValueError, match=rf'run {PREFIX}_seed0 has no epoch 5: its statistics end at epoch 2'):
+        utils.main(['table', *paths, '--epoch', '5'])
