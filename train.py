@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_utils import PREPARERS, load_splits, validation_splits
-from loss import LOSSES, build_loss
+from loss import LOSSES, build_loss, loss_recipe
 from model import BACKBONES, POOLINGS, Model, backbone_spec, embed, preferred_memory_format, recipe, weights_file
 from utils import (METRICS, ImageDataset, RetrievalData, add_device_argument, atomic_path, build_database,
                    build_transforms, evaluate, load_torch_file, plot_embedding_map, plot_statistics, resolve_device,
@@ -67,7 +67,8 @@ def build_parser():
                         help='let BatchNorm statistics of a pretrained backbone train')
     parser.add_argument('--loss_name', default='positive_proxy', choices=list(LOSSES))
     parser.add_argument('--feature_dim', type=int, default=512)
-    parser.add_argument('--scale', type=float, default=32.0, help='softmax temperature: logits = scale * cosine')
+    parser.add_argument('--scale', type=float, default=32.0,
+                        help="softmax temperature: logits = scale * cosine; Proxy-Anchor's alpha")
     parser.add_argument('--batch_size', type=int, default=64, help='global: split evenly over the torchrun processes')
     parser.add_argument('--num_epochs', type=int, default=20)
     parser.add_argument('--lr', type=float, default=1e-4, help='learning rate of the network')
@@ -114,9 +115,10 @@ def checked(parser, args):
 
 def parse_args(argv=None):
     parser = build_parser()
-    # the backbone's family sets the recipe defaults (model.FAMILIES): parse once to learn it, then for real;
-    # the run is named against these defaults
-    parser.set_defaults(**recipe(parser.parse_known_args(argv)[0].backbone_type))
+    # the backbone's family (model.FAMILIES) and the loss (loss.RECIPES) set the recipe defaults: parse
+    # once to learn them, then for real; the run is named against these defaults
+    first = parser.parse_known_args(argv)[0]
+    parser.set_defaults(**{**recipe(first.backbone_type), **loss_recipe(first.loss_name)})
     args = checked(parser, parser.parse_args(argv))
     defaults = checked(parser, parser.parse_args([]))
     args.run_name = run_name(args, vars(defaults))

@@ -780,6 +780,12 @@ def plot_embedding_map(embeddings, labels, class_names, path, max_points=2000, s
 FIGURE_EMBEDDING_ANGLE, FIGURE_PROXY_ANGLES = 100.0, (35.0, 165.0, 250.0)
 FIGURE_SCALE = 3.0  # a soft softmax (training uses 32), so that the pushes of the other proxies are visible
 PULL, PUSH, STEP, PROXY_STEP = '#1a9850', '#d73027', '#222222', '#7b3294'
+# the panels: the baseline, the method, the ablation
+FIGURE_LOSSES = {
+    'normalized_softmax': 'normalized_softmax:\nevery proxy pulls or pushes $f_i$,\nand every proxy learns from it',
+    'positive_proxy': 'positive_proxy (the method):\n$f_i$ as under normalized softmax;\nonly $p_{y_i}$ learns from $f_i$',
+    'positive_pull': 'positive_pull (ablation):\nonly $p_{y_i}$ pulls $f_i$,\nand every proxy learns from it',
+}
 
 
 def on_circle(degrees):
@@ -791,19 +797,21 @@ def method_gradients(loss_name, embedding_angle=FIGURE_EMBEDDING_ANGLE, proxy_an
     """The figure's arrows, on one embedding of class 0 and unit proxies in 2-D: loss.py's descent
     directions (minus autograd's gradients) of the embedding and of each proxy, and the embedding's
     direction as per-proxy pieces -(dL/dS_c) p_c (pulls towards its class proxy, pushes away from the
-    others), of which positive_proxy keeps the pull only; the normalisation turns their sum into the
-    embedding's step, along the circle."""
-    from loss import build_loss  # loss.py imports utils: imported here, where the figure needs it
+    others), masked by the loss's rule for the embeddings (positive_pull keeps the pull only); the
+    normalisation turns their sum into the embedding's step, along the circle."""
+    from loss import GRADIENT_MASKS, GRADIENT_RULES, build_loss  # loss.py imports utils: imported here
     loss_fn = build_loss(loss_name, len(proxy_angles), 2, scale)
     with torch.no_grad():
         loss_fn.proxies.copy_(torch.stack([on_circle(angle) for angle in proxy_angles]))
-    embedding = on_circle(embedding_angle)[None].requires_grad_()
-    loss_fn(embedding, torch.tensor([0])).backward()
+    embedding, labels = on_circle(embedding_angle)[None].requires_grad_(), torch.tensor([0])
+    loss_fn(embedding, labels).backward()
     f, proxies = embedding.detach()[0], loss_fn.proxies.detach()
-    d_loss_d_similarity = scale * (torch.softmax(scale * proxies @ f, dim=0) - torch.eye(len(proxies))[0])
-    pieces = -d_loss_d_similarity[:, None] * proxies
-    if loss_name == 'positive_proxy':
-        pieces[1:] = 0
+    cosines = (f @ proxies.t())[None].requires_grad_()
+    d_loss_d_similarity = torch.autograd.grad(loss_fn.loss(cosines, labels), cosines)[0]
+    embedding_mask = GRADIENT_MASKS[GRADIENT_RULES[loss_name][1][0]]
+    if embedding_mask is not None:
+        d_loss_d_similarity = d_loss_d_similarity * embedding_mask(labels, len(proxies), cosines.dtype)
+    pieces = -d_loss_d_similarity[0, :, None] * proxies
     return {'embedding': f, 'proxies': proxies, 'embedding_step': -embedding.grad[0],
             'proxy_steps': -loss_fn.proxies.grad, 'pieces': pieces}
 
@@ -846,24 +854,23 @@ def draw_pipeline(ax):
     # the gradients, dashed: to the embedding and on through the network; to every proxy
     draw_arrow(ax, (15.1, 1.33), (15.1, 2.72), STEP, '--', width=1.4)
     ax.text(15.3, 2.03, '$\\partial L/\\partial f_i$', fontsize=10.5, va='center', color=STEP)
-    ax.text(4.9, 2.03, '$\\partial L/\\partial f_i$ under normalized_softmax: from every proxy $p_c$\n'
-                       'under positive_proxy: from its own class proxy $p_{y_i}$ only',
+    ax.text(4.9, 2.03, '$\\partial L/\\partial f_i$: from every proxy $p_c$\n'
+                       '(the positive_pull ablation: from its own class proxy $p_{y_i}$ only)',
             ha='center', va='center', fontsize=9.5, color=STEP)
     draw_arrow(ax, (13.4, 3.88), (1.7, 3.88), STEP, '--', rad=0.06, width=1.0)
     ax.text(7.55, 4.4, 'and on through the head and the backbone', ha='center', fontsize=9.5, color=STEP)
     draw_arrow(ax, (14.55, 0.17), (3.35, 0.17), PROXY_STEP, '--', rad=-0.06, width=1.4)
-    ax.text(8.95, -0.6, '$\\partial L/\\partial p_c$ reaches every proxy, in both losses', ha='center',
-            fontsize=9.5, color=PROXY_STEP)
+    ax.text(8.95, -0.6, '$\\partial L/\\partial p_c$: from every embedding; under positive_proxy only from '
+                        'those of class $c$, their mean', ha='center', fontsize=9.5, color=PROXY_STEP)
 
 
 def draw_gradients(ax, loss_name, title):
     """loss.py's gradients on the 2-D example: the pieces that move f_i, its step, each proxy's step."""
-    from loss import LOSSES
     plt = pyplot()
     arrows = method_gradients(loss_name)
-    # one length scale for both panels, so that they compare
+    # one length scale for every panel, so that they compare
     longest = max(method_gradients(name)[key].norm(dim=-1).max().item()
-                  for name in LOSSES for key in ('pieces', 'proxy_steps', 'embedding_step'))
+                  for name in FIGURE_LOSSES for key in ('pieces', 'proxy_steps', 'embedding_step'))
     stretch = 0.8 / longest
     ax.add_patch(plt.Circle((0, 0), 1, fill=False, color='#bbbbbb', linewidth=0.8))
     f = arrows['embedding']
@@ -892,16 +899,15 @@ def plot_structure(path):
     (PNG) and its PDF, returns the figure."""
     from matplotlib.lines import Line2D
     plt = pyplot()
-    fig = plt.figure(figsize=(9.2, 7.6), layout='constrained')
-    top, bottom = fig.subfigures(2, 1, height_ratios=[0.85, 1.0])
+    fig = plt.figure(figsize=(10.5, 7.4), layout='constrained')
+    top, bottom = fig.subfigures(2, 1, height_ratios=[0.95, 1.0])
     draw_pipeline(top.subplots())
-    axes = bottom.subplots(1, 2)
-    draw_gradients(axes[0], 'normalized_softmax', 'normalized_softmax:\nevery proxy pulls or pushes $f_i$')
-    draw_gradients(axes[1], 'positive_proxy', 'positive_proxy:\nonly its own class proxy $p_{y_i}$ pulls $f_i$')
+    for ax, (loss_name, title) in zip(bottom.subplots(1, len(FIGURE_LOSSES)), FIGURE_LOSSES.items()):
+        draw_gradients(ax, loss_name, title)
     handles = [Line2D([], [], color=PULL, linewidth=1.3, label='pull of $p_{y_i}$ on $f_i$'),
                Line2D([], [], color=PUSH, linewidth=1.3, label='push of another proxy on $f_i$'),
                Line2D([], [], color=STEP, linewidth=2.2, label='step of $f_i$: their sum, along the unit circle'),
-               Line2D([], [], color=PROXY_STEP, linewidth=1.3, label='step of each proxy: the same in both losses')]
+               Line2D([], [], color=PROXY_STEP, linewidth=1.3, label='step of each proxy')]
     bottom.legend(handles=handles, loc='outside lower center', ncols=2, fontsize=9.5, frameon=False)
     bottom.suptitle('Descent directions ($-$gradient) computed by loss.py: one embedding $f_i$ of class $y_i$ and '
                     f'three proxies in 2-D\n(scale {FIGURE_SCALE:g}; all arrows to one length scale; the far proxy $p_3$ hardly pushes or moves)', fontsize=10)

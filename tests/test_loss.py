@@ -1,99 +1,263 @@
-"""The method at the gradient level: positive_proxy against an independent computation."""
+"""The losses at the gradient level, in fp64, against hand-derived formulas: the value, the
+embeddings' gradient and the proxies' gradient of every loss, on a batch with uneven class counts
+and classes absent from it; exact scaling with the loss scale; the two-process (DDP) proxy gradient."""
+import re
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from loss import NormalizedSoftmaxLoss, PositiveProxyLoss, build_loss
+import train
+from loss import LOSSES, build_loss
 
-B, C, D, SCALE = 6, 5, 8, 16.0
+C, D, SCALE, MARGIN = 5, 8, 16.0, 0.1
+# uneven class counts (3, 1, 2), classes 3 and 4 absent from the batch
+LABELS = [0, 0, 0, 1, 2, 2]
+ABSENT = [3, 4]
+# what the README's table says each loss is: (its value, embeddings' part, proxies' part)
+RULES = {
+    'normalized_softmax': ('normalized_softmax', 'all', 'all'),
+    'positive_proxy': ('normalized_softmax', 'all', 'positive_class_mean'),
+    'positive_pull': ('normalized_softmax', 'positive', 'all'),
+    'proxy_anchor': ('proxy_anchor', 'all', 'all'),
+    'positive_proxy_anchor': ('proxy_anchor', 'all', 'positive_class_mean'),
+}
 
 
-def batch(seed=0, device='cpu'):
+def batch(seed=0, device='cpu', labels=LABELS):
     generator = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(B, D, generator=generator, dtype=torch.float64)
+    embeddings = torch.randn(len(labels), D, generator=generator, dtype=torch.float64)
     proxies = torch.randn(C, D, generator=generator, dtype=torch.float64)
-    labels = torch.tensor([0, 1, 2, 3, 4, 1])
-    return embeddings.to(device), proxies.to(device), labels.to(device)
+    return embeddings.to(device), proxies.to(device), torch.tensor(labels, device=device)
 
 
-def gradients(loss_class, embeddings, proxies, labels):
-    loss_fn = loss_class(C, D, SCALE).double().to(embeddings.device)
+def gradients(loss_name, embeddings, proxies, labels, multiplier=1.0):
+    """(loss, dL/d embeddings, dL/d proxies) as loss.py computes them; the backward pass starts from
+    multiplier * loss, as a scaled or weighted loss would."""
+    loss_fn = build_loss(loss_name, C, D, SCALE).double().to(embeddings.device)
     with torch.no_grad():
         loss_fn.proxies.copy_(proxies)
     embeddings = embeddings.clone().requires_grad_()
     loss = loss_fn(embeddings, labels)
-    loss.backward()
+    (multiplier * loss).backward()
     return loss.detach(), embeddings.grad, loss_fn.proxies.grad
 
 
-def reference(embeddings, proxies, labels):
-    """By hand: dL/dS = scale * (softmax(scale S) - onehot(y)) / B, then the chain rule
-    through the L2 normalisations, which autograd is asked only to apply (vector-Jacobian)."""
-    embeddings = embeddings.clone().requires_grad_()
-    proxies = proxies.clone().requires_grad_()
+def normalized_softmax_by_hand(S, labels):
+    """L = mean_i -log softmax(s S_i)[y_i]; dL/dS_ij = s (P_ij - [j = y_i]) / B."""
+    B = len(labels)
+    P = torch.softmax(SCALE * S, dim=1)
+    loss = -torch.log(P[torch.arange(B), labels]).mean()
+    return loss, SCALE * (P - F.one_hot(labels, C)) / B
+
+
+def proxy_anchor_by_hand(S, labels):
+    """Kim et al. 2020, eq. 4, and its derivative, pair by pair."""
+    B = len(labels)
+    present = sorted(set(labels.tolist()))
+    loss, dS = 0.0, torch.zeros_like(S)
+    for j in range(C):
+        positives = [i for i in range(B) if labels[i] == j]
+        negatives = [i for i in range(B) if labels[i] != j]
+        pull = [torch.exp(-SCALE * (S[i, j] - MARGIN)) for i in positives]
+        push = [torch.exp(SCALE * (S[i, j] + MARGIN)) for i in negatives]
+        if positives:
+            loss = loss + torch.log(1 + sum(pull)) / len(present)
+            for i, e in zip(positives, pull):
+                dS[i, j] = -SCALE * e / (1 + sum(pull)) / len(present)
+        loss = loss + torch.log(1 + sum(push)) / C
+        for i, e in zip(negatives, push):
+            dS[i, j] = SCALE * e / (1 + sum(push)) / C
+    return loss, dS
+
+
+BY_HAND = {'normalized_softmax': normalized_softmax_by_hand, 'proxy_anchor': proxy_anchor_by_hand}
+
+
+def by_hand(loss_name, embeddings, proxies, labels):
+    """(loss, dL/d embeddings, dL/d proxies) from the formulas: G = dL/dS by hand; each embedding
+    gets sum_j G_ij p_j (all) or G_iy_i p_y_i (positive); each proxy sum_i G_ij f_i (all) or
+    (1/n_j) sum_{i: y_i = j} G_ij f_i (positive_class_mean). Autograd only applies the L2
+    normalisations' Jacobians (vector-Jacobian products)."""
+    value, embedding_part, proxy_part = RULES[loss_name]
+    embeddings, proxies = embeddings.clone().requires_grad_(), proxies.clone().requires_grad_()
     f, p = F.normalize(embeddings, dim=-1), F.normalize(proxies, dim=-1)
     S = (f @ p.t()).detach()
-    dS = SCALE * (torch.softmax(SCALE * S, dim=1) - F.one_hot(labels, C)) / B
-    loss = F.cross_entropy(SCALE * S, labels)
-    df_full = dS @ p.detach()                                    # every proxy pushes or pulls f_i
-    rows = torch.arange(B, device=labels.device)
-    df_positive = dS[rows, labels, None] * p.detach()[labels]    # only p_{y_i} pulls f_i
-    dp = dS.t() @ f.detach()
-    grads = {}
-    for name, df in (('full', df_full), ('positive', df_positive)):
-        grads[name] = torch.autograd.grad(f, embeddings, df, retain_graph=True)[0]
-    grads['proxies'] = torch.autograd.grad(p, proxies, dp)[0]
-    return loss, grads
+    loss, G = BY_HAND[value](S, labels)
+    f, p_ = f.detach(), p.detach()
+    df = torch.zeros_like(f)
+    for i, y in enumerate(labels.tolist()):
+        df[i] = sum(G[i, j] * p_[j] for j in range(C)) if embedding_part == 'all' else G[i, y] * p_[y]
+    dp = torch.zeros_like(p_)
+    for j in range(C):
+        members = [i for i, y in enumerate(labels.tolist()) if y == j]
+        if proxy_part == 'all':
+            dp[j] = sum(G[i, j] * f[i] for i in range(len(labels)))
+        elif members:
+            dp[j] = sum(G[i, j] * f[i] for i in members) / len(members)
+    return (loss, torch.autograd.grad(F.normalize(embeddings, dim=-1), embeddings, df)[0],
+            torch.autograd.grad(F.normalize(proxies, dim=-1), proxies, dp)[0])
 
 
-def test_positive_proxy_embedding_gradient_keeps_only_own_proxy_term(device):
+def test_every_loss_has_a_hand_derived_rule():
+    assert set(RULES) == set(LOSSES)
+
+
+@pytest.mark.parametrize('loss_name', LOSSES)
+def test_value_and_both_gradients_match_the_hand_derived_formulas(loss_name, device):
     embeddings, proxies, labels = batch(device=device)
-    _, grad_embeddings, _ = gradients(PositiveProxyLoss, embeddings, proxies, labels)
-    _, expected = reference(embeddings, proxies, labels)
-    torch.testing.assert_close(grad_embeddings, expected['positive'])
-    # and that is a real change from normalized softmax, not a coincidence of the test data
-    assert not torch.allclose(grad_embeddings, expected['full'])
+    ours = gradients(loss_name, embeddings, proxies, labels)
+    expected = by_hand(loss_name, embeddings, proxies, labels)
+    for what, got, want in zip(('value', 'embeddings', 'proxies'), ours, expected):
+        torch.testing.assert_close(got, want, msg=lambda m: f'{loss_name} {what}: {m}')
 
 
-def test_positive_proxy_has_normalized_softmax_value_and_proxy_gradient(device):
+@pytest.mark.parametrize('loss_name', ['positive_proxy', 'positive_proxy_anchor'])
+def test_positive_proxy_rules_differ_from_their_full_loss_only_in_the_proxies_gradient(loss_name, device):
+    full = {'positive_proxy': 'normalized_softmax', 'positive_proxy_anchor': 'proxy_anchor'}[loss_name]
     embeddings, proxies, labels = batch(1, device=device)
-    loss_pp, _, grad_proxies_pp = gradients(PositiveProxyLoss, embeddings, proxies, labels)
-    loss_ns, _, grad_proxies_ns = gradients(NormalizedSoftmaxLoss, embeddings, proxies, labels)
-    expected_loss, expected = reference(embeddings, proxies, labels)
-    torch.testing.assert_close(loss_pp, expected_loss)
-    torch.testing.assert_close(loss_ns, expected_loss)
-    torch.testing.assert_close(grad_proxies_pp, expected['proxies'])
-    torch.testing.assert_close(grad_proxies_ns, expected['proxies'])
+    loss, grad_embeddings, grad_proxies = gradients(loss_name, embeddings, proxies, labels)
+    full_loss, full_embeddings, full_proxies = gradients(full, embeddings, proxies, labels)
+    assert torch.equal(loss, full_loss) and torch.equal(grad_embeddings, full_embeddings)
+    assert not torch.allclose(grad_proxies, full_proxies)
+    # an absent class's proxy learns nothing; under the full loss it is pushed by every embedding
+    assert torch.equal(grad_proxies[ABSENT], torch.zeros_like(grad_proxies[ABSENT]))
+    assert (full_proxies[ABSENT].norm(dim=-1) > 0).all()
 
 
-def test_normalized_softmax_embedding_gradient_is_the_full_softmax_gradient(device):
+@pytest.mark.parametrize('loss_name', ['positive_proxy', 'positive_proxy_anchor'])
+def test_negatives_never_move_a_proxy(loss_name, device):
+    """Moving the embeddings of every other class leaves proxy 0's gradient as it was."""
     embeddings, proxies, labels = batch(2, device=device)
-    _, grad_embeddings, _ = gradients(NormalizedSoftmaxLoss, embeddings, proxies, labels)
-    _, expected = reference(embeddings, proxies, labels)
-    torch.testing.assert_close(grad_embeddings, expected['full'])
+    moved = embeddings.clone()
+    others = labels != 0
+    moved[others] = torch.randn(int(others.sum()), D, dtype=torch.float64, device=device)
+    grad_before, grad_after = (gradients(loss_name, e, proxies, labels)[2][0] for e in (embeddings, moved))
+    torch.testing.assert_close(grad_after, grad_before)
+    full = {'positive_proxy': 'normalized_softmax', 'positive_proxy_anchor': 'proxy_anchor'}[loss_name]
+    full_before, full_after = (gradients(full, e, proxies, labels)[2][0] for e in (embeddings, moved))
+    assert not torch.allclose(full_after, full_before)
 
 
-def test_negative_proxies_do_not_push_embeddings(device):
-    """With a single class present per embedding, moving any other proxy leaves dL/df unchanged
-    in direction for positive_proxy (only p_{y_i} appears), while normalized softmax changes."""
+def test_positive_pull_embeddings_are_pulled_by_their_own_proxy_only(device):
+    """The ablation (the old rule): each embedding's gradient lies along its own proxy, so moving
+    another proxy leaves its direction as it was; normalized softmax's changes."""
     embeddings, proxies, labels = batch(3, device=device)
     moved = proxies.clone()
-    moved[4] = torch.randn(D, dtype=torch.float64, device=device)  # a negative for every row but row 4
-    rows = labels != 4
-    for loss_class, changes in ((PositiveProxyLoss, False), (NormalizedSoftmaxLoss, True)):
-        g1 = F.normalize(gradients(loss_class, embeddings, proxies, labels)[1][rows], dim=-1)
-        g2 = F.normalize(gradients(loss_class, embeddings, moved, labels)[1][rows], dim=-1)
-        assert torch.allclose(g1, g2) != changes, loss_class.__name__
+    moved[4] = torch.randn(D, dtype=torch.float64, device=device)  # a negative of every embedding
+    for loss_name, changes in (('positive_pull', False), ('normalized_softmax', True)):
+        g1, g2 = (F.normalize(gradients(loss_name, embeddings, p, labels)[1], dim=-1) for p in (proxies, moved))
+        assert torch.allclose(g1, g2) != changes, loss_name
+
+
+@pytest.mark.parametrize('loss_name', LOSSES)
+def test_gradients_scale_exactly_with_the_loss_scale(loss_name, device):
+    """What fp16 loss scaling (GradScaler) and the mean reduction do: multiply the gradient that
+    arrives. A power of two multiplies floats exactly, so the gradients must be exactly 1024 x."""
+    embeddings, proxies, labels = batch(4, device=device)
+    _, e1, p1 = gradients(loss_name, embeddings, proxies, labels)
+    _, e2, p2 = gradients(loss_name, embeddings, proxies, labels, multiplier=1024.0)
+    assert torch.equal(e2, 1024 * e1) and torch.equal(p2, 1024 * p1)
+
+
+def test_proxy_anchor_matches_pytorch_metric_learning(device):
+    """Value and both gradients against pytorch-metric-learning 2.9's ProxyAnchorLoss (same proxies)."""
+    losses = pytest.importorskip('pytorch_metric_learning.losses')
+    embeddings, proxies, labels = batch(5, device=device, labels=[0, 0, 1, 3, 3, 3, 2])
+    reference = losses.ProxyAnchorLoss(C, D, margin=MARGIN, alpha=SCALE).double().to(device)
+    with torch.no_grad():
+        reference.proxies.copy_(proxies)
+    leaf = embeddings.clone().requires_grad_()
+    value = reference(leaf, labels)
+    value.backward()
+    ours = gradients('proxy_anchor', embeddings, proxies, labels)
+    for got, want in zip(ours, (value.detach(), leaf.grad, reference.proxies.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_proxy_anchor_uses_its_official_initialisation_and_alpha():
+    torch.manual_seed(0)
+    loss_fn = build_loss('proxy_anchor', 1000, 512, scale=32.0)
+    # Kaiming normal, fan_out (= the number of classes for a classes x dim matrix): std sqrt(2 / 1000)
+    assert loss_fn.proxies.std().item() == pytest.approx((2 / 1000) ** 0.5, rel=0.02)
+    assert loss_fn.scale == 32.0 and loss_fn.margin == MARGIN
+
+
+def test_adamw_still_moves_a_proxy_whose_class_left_the_batch():
+    """What the README says of an absent class: its gradient is zero, but AdamW's momentum keeps
+    moving its proxy for a while; a proxy that never had a gradient keeps its direction (weight
+    decay only shrinks it, and the loss sees directions only)."""
+    loss_fn = build_loss('positive_proxy', C, D, SCALE)
+    optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=1e-2, weight_decay=1e-4)  # train.py's recipe
+    embeddings = torch.randn(len(LABELS), D)
+    for labels in ([0, 1, 2], [0, 1]):  # class 2 in the first step only; classes 3 and 4 never
+        before = loss_fn.proxies.detach().clone()
+        optimizer.zero_grad()
+        loss_fn(embeddings[:len(labels)], torch.tensor(labels)).backward()
+        optimizer.step()
+    assert torch.equal(loss_fn.proxies.grad[2], torch.zeros(D))
+    assert not torch.equal(loss_fn.proxies.detach()[2], before[2])
+    after = loss_fn.proxies.detach()
+    assert (after[ABSENT].norm(dim=-1) < before[ABSENT].norm(dim=-1)).all()
+    torch.testing.assert_close(F.normalize(after[ABSENT], dim=-1), F.normalize(before[ABSENT], dim=-1))
+
+
+DDP_LOSSES = ('positive_proxy', 'positive_pull', 'normalized_softmax')
+
+
+def proxy_gradients_on_one_rank(rank, embeddings, proxies, labels, init_file, queue):
+    """One of two gloo processes, as under torchrun: each loss inside DDP, half the batch each."""
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        half = slice(rank * len(labels) // 2, (rank + 1) * len(labels) // 2)
+        grads = {}
+        for loss_name in DDP_LOSSES:
+            loss_fn = build_loss(loss_name, C, D, SCALE).double()
+            with torch.no_grad():
+                loss_fn.proxies.copy_(proxies)
+            trainer = torch.nn.parallel.DistributedDataParallel(loss_fn)  # kept: its hooks reduce the gradient
+            trainer(embeddings[half], labels[half]).backward()
+            grads[loss_name] = loss_fn.proxies.grad.numpy()  # by value: this process ends before it is read
+        queue.put((rank, grads))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_proxies_the_gradient_of_the_whole_batch(tmp_path):
+    """DDP over 2 gloo processes, each with half the batch: class counts differ between the halves
+    (class 0: 3 and 1, class 2: 0 and 2), so n_j must be counted over the global batch."""
+    embeddings, proxies, labels = batch(6, labels=[0, 0, 0, 1, 0, 2, 2, 1])
+    context = mp.get_context('spawn')
+    queue = context.Queue()
+    processes = [context.Process(target=proxy_gradients_on_one_rank,
+                                 args=(rank, embeddings, proxies, labels, tmp_path / 'init', queue))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get(timeout=300) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    for loss_name in DDP_LOSSES:
+        _, _, whole_batch = gradients(loss_name, embeddings, proxies, labels)
+        for rank in range(2):
+            torch.testing.assert_close(torch.from_numpy(results[rank][loss_name]), whole_batch,
+                                       msg=lambda m: f'{loss_name}, rank {rank}: {m}')
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_loss_runs_in_fp32_under_reduced_precision_inputs(dtype, device):
-    loss_fn = build_loss('positive_proxy', C, D).to(device)
-    embeddings = torch.randn(B, D, device=device).to(dtype).requires_grad_()
-    loss = loss_fn(embeddings, batch(device=device)[2])
+@pytest.mark.parametrize('loss_name', ['positive_proxy', 'proxy_anchor'])
+def test_loss_runs_in_fp32_under_reduced_precision_inputs(dtype, loss_name, device):
+    loss_fn = build_loss(loss_name, C, D).to(device)
+    embeddings = torch.randn(len(LABELS), D, device=device).to(dtype).requires_grad_()
+    loss = loss_fn(embeddings, torch.tensor(LABELS, device=device))
     assert loss.dtype == torch.float32
     loss.backward()
     assert embeddings.grad.dtype == dtype and torch.isfinite(embeddings.grad).all()
+    assert loss_fn.proxies.grad.dtype == torch.float32
 
 
 def test_predict_returns_nearest_proxy_class():
@@ -105,5 +269,18 @@ def test_predict_returns_nearest_proxy_class():
 
 
 def test_build_loss_names_the_choices_for_an_unknown_loss():
-    with pytest.raises(ValueError, match='normalized_softmax'):
+    with pytest.raises(ValueError, match='normalized_softmax.*proxy_anchor'):
         build_loss('triplet', C, D)
+
+
+@pytest.mark.parametrize('backbone', ['resnet50', 'timm:vit_small_patch16_224.dino'])
+def test_proxy_anchor_trains_with_its_official_warm_up_epoch(backbone):
+    """Proxy-Anchor's recipe (one warm-up epoch) is its default, named against, so no hash;
+    the other losses keep the backbone family's recipe."""
+    family_warmup = train.parse_args(['--backbone_type', backbone]).warmup_epochs
+    for loss_name in LOSSES:
+        args = train.parse_args(['--backbone_type', backbone, '--loss_name', loss_name])
+        assert args.warmup_epochs == (1 if 'anchor' in loss_name else family_warmup), loss_name
+        assert args.run_name.endswith(f'_{loss_name}_512_20_seed0'), args.run_name
+    changed = train.parse_args(['--loss_name', 'proxy_anchor', '--warmup_epochs', '0']).run_name
+    assert re.fullmatch(r'car_resnet50_proxy_anchor_512_20_[0-9a-f]{6}_seed0', changed), changed

@@ -215,36 +215,44 @@ def tangent(vector, at):
     return vector - (vector @ at) * at
 
 
-def test_figure_arrows_are_the_losses_gradients_pull_only_under_positive_proxy():
-    softmax, positive = (utils.method_gradients(name) for name in ('normalized_softmax', 'positive_proxy'))
+def test_figure_arrows_are_the_losses_gradients_under_each_rule():
+    softmax, positive, pull = (utils.method_gradients(name)
+                               for name in ('normalized_softmax', 'positive_proxy', 'positive_pull'))
     f, proxies = softmax['embedding'], softmax['proxies']
-    for arrows in (softmax, positive):
+    for arrows in (softmax, positive, pull):
         # the drawn pieces add up, along the circle, to the embedding's step autograd gives
         torch.testing.assert_close(tangent(arrows['pieces'].sum(dim=0), f), arrows['embedding_step'])
     # normalized softmax: the own proxy pulls (towards it), the others push (away from them)
     assert softmax['pieces'][0] @ proxies[0] > 0
     assert all(softmax['pieces'][c] @ proxies[c] < 0 for c in (1, 2))
-    # positive proxy: only the pull reaches the embedding, and it is normalized softmax's pull
-    torch.testing.assert_close(positive['pieces'][0], softmax['pieces'][0])
-    assert not positive['pieces'][1:].any()
-    assert not torch.allclose(positive['embedding_step'], softmax['embedding_step'])
-    # every proxy gets the same gradient under both losses
-    torch.testing.assert_close(positive['proxy_steps'], softmax['proxy_steps'])
-    assert (softmax['proxy_steps'].norm(dim=1) > 0).all()
+    # positive proxy (the method): the embedding moves as under normalized softmax; only its own
+    # proxy moves, as normalized softmax moves it here (f_i is its class's only embedding)
+    torch.testing.assert_close(positive['embedding_step'], softmax['embedding_step'])
+    torch.testing.assert_close(positive['proxy_steps'][0], softmax['proxy_steps'][0])
+    assert not positive['proxy_steps'][1:].any() and (softmax['proxy_steps'].norm(dim=1) > 0).all()
+    # positive pull (the ablation): only the pull reaches the embedding; every proxy moves
+    torch.testing.assert_close(pull['pieces'][0], softmax['pieces'][0])
+    assert not pull['pieces'][1:].any()
+    assert not torch.allclose(pull['embedding_step'], softmax['embedding_step'])
+    torch.testing.assert_close(pull['proxy_steps'], softmax['proxy_steps'])
 
 
 def arrow_colours(ax):
     return [text.arrow_patch.get_edgecolor() for text in ax.texts if getattr(text, 'arrow_patch', None)]
 
 
-def test_structure_command_draws_both_losses_with_pushes_only_under_normalized_softmax(tmp_path):
+def test_structure_command_draws_the_three_rules(tmp_path):
+    """Pushes on f_i under normalized softmax and positive_proxy, none under positive_pull; a step
+    of the other proxies under normalized softmax and positive_pull, none under positive_proxy."""
     import matplotlib.colors
     utils.main(['structure', '--out', str(tmp_path / 'structure.png')])
     assert_png_and_pdf(str(tmp_path / 'structure.png'))
     fig = utils.plot_structure(str(tmp_path / 'again.png'))
-    softmax_panel, positive_panel = [ax for ax in fig.axes if ax.get_title()]
-    assert softmax_panel.get_title().startswith('normalized_softmax')
-    assert positive_panel.get_title().startswith('positive_proxy')
-    push, pull = matplotlib.colors.to_rgba(utils.PUSH), matplotlib.colors.to_rgba(utils.PULL)
-    assert push in arrow_colours(softmax_panel) and pull in arrow_colours(softmax_panel)
-    assert push not in arrow_colours(positive_panel) and pull in arrow_colours(positive_panel)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split(':')[0].split(' ')[0] for ax in panels] == \
+        ['normalized_softmax', 'positive_proxy', 'positive_pull']
+    push, proxy_step = matplotlib.colors.to_rgba(utils.PUSH), matplotlib.colors.to_rgba(utils.PROXY_STEP)
+    pushes = [arrow_colours(ax).count(push) for ax in panels]
+    proxy_steps = [arrow_colours(ax).count(proxy_step) for ax in panels]
+    assert pushes[0] > 0 and pushes[1] == pushes[0] and pushes[2] == 0
+    assert proxy_steps[1] == 1 and proxy_steps[0] > 1 and proxy_steps[2] == proxy_steps[0]
