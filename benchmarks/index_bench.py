@@ -2,8 +2,8 @@
 Speed and memory of searching a gallery index (test.py --gallery/--index) at 100k and 1M images,
 on synthetic 512-d embeddings (the embedding itself is not timed: it is the network's cost):
 
-  exact   test.search: the project's exact blocked top-k (utils.nearest_neighbours), the default
-  ivf     test.search over faiss's IVF-Flat index (test.py --search ivf): build (--threads), then
+  exact   gallery.search: the project's exact blocked top-k (utils.nearest_neighbours), the default
+  ivf     gallery.search over faiss's IVF-Flat index (test.py --search ivf): build (--threads), then
           --nprobe lists per query (one thread, as test.py searches); its recall@K against exact
           search is in the table
 
@@ -74,33 +74,33 @@ def latencies(search, singles, batch):
 
 
 def run_child():
-    import test as query_tool
+    from gallery import Gallery, Query, build_ivf, prepare_ivf_search, search
     gallery_embeddings = torch.from_numpy(np.load(args.data + '-gallery.npy'))
     query_embeddings = torch.from_numpy(np.load(args.data + '-queries.npy'))
     n = len(gallery_embeddings)
-    gallery = query_tool.Gallery([f'photos/{i:07d}.jpg' for i in range(n)], gallery_embeddings, None, None, 'bench')
-    queries = [query_tool.Query(e, None, None) for e in query_embeddings]
+    gallery = Gallery([f'photos/{i:07d}.jpg' for i in range(n)], gallery_embeddings, None, None, 'bench')
+    queries = [Query(e, None, None) for e in query_embeddings]
     singles, batch = queries[args.batch:args.batch + args.singles], queries[:args.batch]
     if args.child == 'exact':
-        query_tool.search(gallery, batch[:2], args.k)  # warm-up: lazily loaded code, thread pools
+        search(gallery, batch[:2], args.k)  # warm-up: lazily loaded code, thread pools
         base_rss, base_peak = rss_mb(), peak_rss_mb()
         build = None  # nothing to build: the embeddings are searched as they are
-        single, together = latencies(lambda q: query_tool.search(gallery, q, args.k), singles, batch)
+        single, together = latencies(lambda q: search(gallery, q, args.k), singles, batch)
         peak = peak_rss_mb()
-        neighbours = np.array([indices for indices, _ in query_tool.search(gallery, batch, args.k)])
+        neighbours = np.array([indices for indices, _ in search(gallery, batch, args.k)])
         np.save(args.data + '-exact.npy', neighbours)
-        extra = {'file': index_file_times(query_tool, gallery)}
+        extra = {'file': index_file_times(gallery)}
     else:
         import faiss
         faiss.omp_set_num_threads(args.threads)
-        query_tool.build_ivf(gallery_embeddings[:4096])  # warm-up
+        build_ivf(gallery_embeddings[:4096])  # warm-up
         base_rss, base_peak = rss_mb(), peak_rss_mb()
-        ivf, build = timed(lambda: query_tool.build_ivf(gallery_embeddings))
+        ivf, build = timed(lambda: build_ivf(gallery_embeddings))
         results = {}
         for nprobe in map(int, args.nprobes.split(',')):
-            query_tool.prepare_ivf_search(ivf, nprobe)  # as test.py searches: one faiss thread
-            single, together = latencies(lambda q: query_tool.search(gallery, q, args.k, ivf=ivf), singles, batch)
-            found = np.array([indices for indices, _ in query_tool.search(gallery, batch, args.k, ivf=ivf)])
+            prepare_ivf_search(ivf, nprobe)  # as test.py searches: one faiss thread
+            single, together = latencies(lambda q: search(gallery, q, args.k, ivf=ivf), singles, batch)
+            found = np.array([indices for indices, _ in search(gallery, batch, args.k, ivf=ivf)])
             results[nprobe] = {'single': single, 'batch': together, 'found': found.tolist()}
         peak = peak_rss_mb()
         extra = {'nlist': ivf.nlist, 'nprobes': results}
@@ -109,8 +109,9 @@ def run_child():
                       'upper_bound': peak <= base_peak, 'base_mb': base_rss, **extra}))
 
 
-def index_file_times(query_tool, gallery):
+def index_file_times(gallery):
     """Seconds to write and to read back the index test.py keeps of this gallery."""
+    from gallery import load_index
     from utils import save_torch_file
     n = len(gallery.images)
     stamps = torch.zeros(n, dtype=torch.int64)
@@ -118,7 +119,7 @@ def index_file_times(query_tool, gallery):
              'model': {'file': 'bench', 'run': 'bench', 'fingerprint': '0'}}
     path = args.data + '-index.pth'
     _, write = timed(lambda: save_torch_file(index, path))
-    _, read = timed(lambda: query_tool.load_index(path))
+    _, read = timed(lambda: load_index(path))
     size = os.path.getsize(path)
     os.remove(path)
     return {'write': write, 'read': read, 'mb': size / 2 ** 20}

@@ -1,4 +1,4 @@
-"""utils.py export: a run's embedding network as ONNX, which onnxruntime runs as PyTorch does."""
+"""export.py: a run's embedding network as ONNX, which onnxruntime runs as PyTorch does."""
 import json
 import os
 import re
@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import export
+import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
 import utils
 from conftest import write_tiny_run
@@ -22,9 +24,9 @@ BACKBONES = ['resnet18', 'timm:test_vit.r160_in1k']  # a classic CNN, and a timm
 
 @pytest.fixture(scope='module', params=BACKBONES)
 def exported(request, tmp_path_factory):
-    onnxruntime = utils.import_export_packages('onnx')  # without them: an error that says what to install
+    onnxruntime = export.import_export_packages('onnx')  # without them: an error that says what to install
     model_file = write_tiny_run(str(tmp_path_factory.mktemp('run')), request.param)['model_file']
-    utils.main(['export', '--model', model_file, '--format', 'onnx'])
+    export.main(['--model', model_file, '--format', 'onnx'])
     onnx_file = model_file.removesuffix('.pth') + '.onnx'  # the default: beside the model
     model = query_tool.read_model(model_file, 'cpu', 'the test')
     return {'onnx': onnx_file, 'model': model, 'run': model.run_args,
@@ -70,36 +72,48 @@ def test_the_preprocessing_is_written_in_the_file_and_beside_it(exported):
     assert json.loads(metadata['run'])['backbone_type'] == exported['run']['backbone_type']
 
 
-def readme_snippet():
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        readme = f.read()
-    return re.search(r'<!-- onnxruntime snippet -->\n```python\n(.*?)```', readme, re.S).group(1)
+def docs_snippet():
+    """The onnxruntime example of docs/search.md (the export section)."""
+    with open(os.path.join(ROOT, 'docs', 'search.md')) as f:
+        page = f.read()
+    return re.search(r'<!-- onnxruntime snippet -->\n```python\n(.*?)```', page, re.S).group(1)
 
 
 @pytest.mark.slow
-def test_the_readme_snippet_embeds_an_image_as_test_py_does(exported, photos):
-    snippet = readme_snippet()
+def test_the_docs_snippet_embeds_an_image_as_test_py_does(exported, photos):
+    snippet = docs_snippet()
     assert len(snippet.strip().splitlines()) <= 12
     onnx_file, image = re.findall(r"'([^']+\.(?:onnx|jpg))'", snippet)
     namespace = {}
     for photo in photos:
         exec(snippet.replace(onnx_file, exported['onnx']).replace(image, photo), namespace)
-        expected = query_tool.embed_queries(exported['model'], [photo], progress=False)[0]
+        expected = gallery_tool.embed_queries(exported['model'], [photo], progress=False)[0]
         assert np.abs(namespace['embedding'] - expected.numpy()).max() < 1e-4
 
 
 def test_a_missing_model_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=f'model file {tmp_path}/none_model.pth not found'):
-        utils.main(['export', '--model', str(tmp_path / 'none_model.pth')])
+        export.main(['--model', str(tmp_path / 'none_model.pth')])
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, and an export
+def test_export_py_writes_the_file_and_its_preprocessing_as_a_user_runs_it(tiny_run, tmp_path):
+    out = tmp_path / 'm.onnx'
+    cli = subprocess.run([sys.executable, 'export.py', '--model', tiny_run['model_file'], '--out', str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith(f'wrote {out} (onnxruntime matches PyTorch to ')
+    assert cli.stdout.endswith(f'and its preprocessing, {tmp_path}/m_preprocessing.json\n')
+    assert sorted(os.listdir(tmp_path)) == ['m.onnx', 'm_preprocessing.json']
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch
 def test_without_the_export_packages_it_says_what_to_install(tiny_run, tmp_path):
     # onnxscript made unimportable, as in an environment without requirements-export.txt
-    argv = ['utils.py', 'export', '--model', tiny_run['model_file'], '--out', str(tmp_path / 'm.onnx')]
+    argv = ['export.py', '--model', tiny_run['model_file'], '--out', str(tmp_path / 'm.onnx')]
     script = (f"import runpy, sys; sys.modules['onnxscript'] = None; sys.argv = {argv!r}; "
-              "runpy.run_path('utils.py', run_name='__main__')")
+              "runpy.run_path('export.py', run_name='__main__')")
     cli = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT)
     assert cli.returncode != 0 and not os.listdir(tmp_path)
     assert cli.stderr.strip().splitlines()[-1] == (

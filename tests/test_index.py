@@ -1,4 +1,4 @@
-"""test.py --gallery: index folders of photos with a run's model, keep the index current, search it."""
+"""test.py --gallery (gallery.py): index folders of photos with a run's model, keep the index current, search it."""
 import os
 import signal
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
 from model import Model
 from utils import load_torch_file
@@ -20,7 +21,7 @@ COLOURS = ['red', 'green', 'yellow', 'purple', 'orange', 'black', 'white', 'navy
 def network(tiny_run):
     """The tiny run's model and the identity an index records of it."""
     model = query_tool.read_model(tiny_run['model_file'], 'cpu', 'the tests')
-    return model, query_tool.model_identity(model, tiny_run['model_file'])
+    return model, gallery_tool.model_identity(model, tiny_run['model_file'])
 
 
 def make_photos(folder, n=6):
@@ -32,14 +33,14 @@ def make_photos(folder, n=6):
 
 def index_files(network, index_file, folder, **kwargs):
     model, identity = network
-    return query_tool.update_index(str(index_file), [str(folder)], model, identity, progress=False, **kwargs)
+    return gallery_tool.update_index(str(index_file), [str(folder)], model, identity, progress=False, **kwargs)
 
 
 def recording(embedded):
     """An embed function that notes which files it was asked for."""
     def embed_files(model, paths, progress):
         embedded.extend(paths)
-        return query_tool.embed_queries(model, paths, progress=progress)
+        return gallery_tool.embed_queries(model, paths, progress=progress)
     return embed_files
 
 
@@ -52,10 +53,10 @@ def test_indexing_a_folder_embeds_every_image_under_it(tiny_run, network, tmp_pa
     query_tool.main(['--model', tiny_run['model_file'], '--gallery', str(tmp_path / 'photos')])
 
     index_file = tiny_run['model_file'].removesuffix('_model.pth') + '_index.pth'  # the default: beside the model
-    index = query_tool.load_index(index_file)
+    index = gallery_tool.load_index(index_file)
     assert index['paths'] == photos
     model, identity = network
-    assert torch.allclose(index['embeddings'], query_tool.embed_queries(model, photos, progress=False), atol=1e-5)
+    assert torch.allclose(index['embeddings'], gallery_tool.embed_queries(model, photos, progress=False), atol=1e-5)
     assert index['sizes'].tolist() == [os.stat(p).st_size for p in photos]
     assert index['mtimes'].tolist() == [os.stat(p).st_mtime_ns for p in photos]
     assert index['model'] == identity and identity['file'] == os.path.abspath(tiny_run['model_file'])
@@ -88,7 +89,7 @@ def test_reindexing_embeds_only_new_and_changed_files_and_drops_deleted_ones(net
     fresh, _ = index_files(network, tmp_path / 'fresh.pth', tmp_path / 'photos')
     assert index['paths'] == fresh['paths'] and torch.allclose(index['embeddings'], fresh['embeddings'], atol=1e-5)
     assert torch.equal(index['sizes'], fresh['sizes']) and torch.equal(index['mtimes'], fresh['mtimes'])
-    assert query_tool.load_index(tmp_path / 'index.pth')['paths'] == fresh['paths']  # what is on disk
+    assert gallery_tool.load_index(tmp_path / 'index.pth')['paths'] == fresh['paths']  # what is on disk
 
     # nothing changed: nothing embedded, the file is not even rewritten
     written = os.stat(tmp_path / 'index.pth').st_mtime_ns
@@ -129,12 +130,12 @@ def test_queries_search_the_index_in_grey_frames(tiny_run, network, tmp_path, ca
     index_file, out = str(tmp_path / 'index.pth'), tmp_path / 'out'
     query_tool.main(['--model', tiny_run['model_file'], '--gallery', str(tmp_path / 'photos'), '--index', index_file,
                      '--query_img_name', photos[4], outside, '--retrieval_num', '3', '--output_dir', str(out)])
-    index = query_tool.load_index(index_file)
+    index = gallery_tool.load_index(index_file)
     model, _ = network
     # a photo of the index: its stored embedding, itself left out; another image: embedded by the model
     own = index['embeddings'] @ index['embeddings'][4]
     own[4] = -2
-    other = index['embeddings'] @ query_tool.embed_queries(model, [outside], progress=False)[0]
+    other = index['embeddings'] @ gallery_tool.embed_queries(model, [outside], progress=False)[0]
     for query, similarities in ((photos[4], own), (outside, other)):
         results = results_by_rank(out / os.path.basename(query_tool.query_folder('', query)))
         assert [s for _, s in results] == pytest.approx(similarities.topk(3).values.tolist(), abs=1e-4)
@@ -154,7 +155,7 @@ def interrupted_at(victim, interruption):
     def embed_files(model, paths, progress):
         if victim in paths:
             interruption()
-        return query_tool.embed_queries(model, paths, progress=progress)
+        return gallery_tool.embed_queries(model, paths, progress=progress)
     return embed_files
 
 
@@ -167,7 +168,7 @@ def test_ctrl_c_while_indexing_keeps_every_chunk_already_embedded(network, tmp_p
     with pytest.raises(KeyboardInterrupt):  # no periodic save: what is kept is saved on the way out
         index_files(network, tmp_path / 'index.pth', tmp_path / 'photos', chunk_images=2,
                     save_every_s=float('inf'), embed_files=interrupted_at(photos[4], ctrl_c))
-    assert query_tool.load_index(tmp_path / 'index.pth')['paths'] == photos[:4]  # chunks [0, 1] and [2, 3]
+    assert gallery_tool.load_index(tmp_path / 'index.pth')['paths'] == photos[:4]  # chunks [0, 1] and [2, 3]
     embedded = []
     _, report = index_files(network, tmp_path / 'index.pth', tmp_path / 'photos', embed_files=recording(embedded))
     assert embedded == photos[4:] and (report.unchanged, report.new) == (4, 2)
@@ -180,18 +181,19 @@ def test_a_killed_indexing_run_keeps_every_chunk_it_saved(tiny_run, network, tmp
     # the process is killed outright (no chance to save) while it embeds photos[4]
     script = f'''
 import os, signal
+import gallery as gallery_tool
 import test as query_tool
 model = query_tool.read_model({tiny_run["model_file"]!r}, 'cpu', 'the test')
-identity = query_tool.model_identity(model, {tiny_run["model_file"]!r})
+identity = gallery_tool.model_identity(model, {tiny_run["model_file"]!r})
 def embed_files(model, paths, progress):
     if {photos[4]!r} in paths:
         os.kill(os.getpid(), signal.SIGKILL)
-    return query_tool.embed_queries(model, paths, progress=progress)
-query_tool.update_index({index!r}, [{str(tmp_path / "photos")!r}], model, identity, embed_files=embed_files,
-                        chunk_images=2, save_every_s=0, progress=False)
+    return gallery_tool.embed_queries(model, paths, progress=progress)
+gallery_tool.update_index({index!r}, [{str(tmp_path / "photos")!r}], model, identity, embed_files=embed_files,
+                          chunk_images=2, save_every_s=0, progress=False)
 '''
     assert subprocess.run([sys.executable, '-c', script], cwd=ROOT).returncode == -signal.SIGKILL
-    assert query_tool.load_index(index)['paths'] == photos[:4]
+    assert gallery_tool.load_index(index)['paths'] == photos[:4]
     embedded = []
     _, report = index_files(network, index, tmp_path / 'photos', embed_files=recording(embedded))
     assert embedded == photos[4:] and (report.unchanged, report.new) == (4, 2)
@@ -210,29 +212,29 @@ def test_search_is_exact_with_ties_to_the_lower_index(block_bytes):
     g = torch.Generator().manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(3000, 16, generator=g), dim=1)
     embeddings[[100, 2000]] = embeddings[7].clone()  # the same photo three times
-    gallery = query_tool.Gallery([f'{i}.jpg' for i in range(3000)], embeddings, None, None, '--index test')
-    queries = [query_tool.Query(embeddings[7], None, 7), query_tool.Query(embeddings[2000], None, 2000),
-               query_tool.Query(torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0), None, None)]
-    results = query_tool.search(gallery, queries, 5, block_bytes=block_bytes)
+    gallery = gallery_tool.Gallery([f'{i}.jpg' for i in range(3000)], embeddings, None, None, '--index test')
+    queries = [gallery_tool.Query(embeddings[7], None, 7), gallery_tool.Query(embeddings[2000], None, 2000),
+               gallery_tool.Query(torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0), None, None)]
+    results = gallery_tool.search(gallery, queries, 5, block_bytes=block_bytes)
     for query, (indices, similarities) in zip(queries, results):
         expected_indices, expected_similarities = brute_force(gallery, query, 5)
         assert indices == expected_indices and similarities == pytest.approx(expected_similarities, abs=1e-6)
     assert results[0][0][:2] == [100, 2000] and results[1][0][:2] == [7, 100]  # the copies, each query left out
     with pytest.raises(ValueError, match='--retrieval_num 3000: the gallery holds 2999 other images'):
-        query_tool.search(gallery, queries, 3000)
+        gallery_tool.search(gallery, queries, 3000)
 
 
 def test_ivf_search_probing_every_list_finds_what_exact_search_does():
     g = torch.Generator().manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(2000, 16, generator=g), dim=1)
-    gallery = query_tool.Gallery([f'{i}.jpg' for i in range(2000)], embeddings, None, None, '--index test')
-    queries = [query_tool.Query(embeddings[i], None, i) for i in (3, 500)] + [
-        query_tool.Query(torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0), None, None)]
-    ivf = query_tool.build_ivf(embeddings)
+    gallery = gallery_tool.Gallery([f'{i}.jpg' for i in range(2000)], embeddings, None, None, '--index test')
+    queries = [gallery_tool.Query(embeddings[i], None, i) for i in (3, 500)] + [
+        gallery_tool.Query(torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0), None, None)]
+    ivf = gallery_tool.build_ivf(embeddings)
     assert ivf.nlist == 45  # about sqrt(2000) lists
     ivf.nprobe = ivf.nlist
     for (ivf_indices, ivf_similarities), (indices, similarities) in zip(
-            query_tool.search(gallery, queries, 10, ivf=ivf), query_tool.search(gallery, queries, 10)):
+            gallery_tool.search(gallery, queries, 10, ivf=ivf), gallery_tool.search(gallery, queries, 10)):
         assert ivf_indices == indices and ivf_similarities == pytest.approx(similarities, abs=1e-6)
 
 
@@ -245,7 +247,7 @@ def test_search_ivf_is_built_once_kept_in_the_index_and_dropped_when_it_changes(
     query_tool.main(run + ['--output_dir', str(tmp_path / 'exact')])
     query_tool.main(run + ['--search', 'ivf', '--output_dir', str(tmp_path / 'ivf')])
     assert f'{index}: built its ivf (2 lists)' in capsys.readouterr().out
-    assert 'ivf' in query_tool.load_index(index)
+    assert 'ivf' in gallery_tool.load_index(index)
     query_tool.main(run + ['--search', 'ivf', '--output_dir', str(tmp_path / 'ivf')])
     assert 'built its ivf' not in capsys.readouterr().out
     folder = os.path.basename(query_tool.query_folder('', photos[0]))
@@ -254,4 +256,4 @@ def test_search_ivf_is_built_once_kept_in_the_index_and_dropped_when_it_changes(
         pytest.approx([s for _, s in results_by_rank(tmp_path / 'exact' / folder)], abs=1e-4)
     os.remove(photos[5])
     query_tool.main(run[:6])  # re-index only
-    assert 'ivf' not in query_tool.load_index(index)  # built for rows that are gone
+    assert 'ivf' not in gallery_tool.load_index(index)  # built for rows that are gone

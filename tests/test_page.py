@@ -10,6 +10,7 @@ import urllib.parse
 import pytest
 import torch
 
+import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
 from test_query import draw_image
 
@@ -71,7 +72,7 @@ def labelled_database(tiny_run, tmp_path_factory):
         labels.append(label)
     model = query_tool.read_model(tiny_run['model_file'], 'cpu', 'the test')
     database = {'test_images': images, 'test_labels': labels, 'test_classes': classes,
-                'test_embeddings': query_tool.embed_queries(model, images, progress=False), 'args': model.run_args}
+                'test_embeddings': gallery_tool.embed_queries(model, images, progress=False), 'args': model.run_args}
     torch.save(database, folder / 'data_base.pth')
     return str(folder / 'data_base.pth'), database
 

@@ -1,5 +1,5 @@
-"""Figures and tables of finished runs: utils.plot_runs, results_table, the embedding map and
-`python utils.py plot|table|map`, on statistics CSVs and a database written here."""
+"""Figures and tables of finished runs: utils.plot_runs, report.results_table, the embedding map and
+`python report.py plot|table|map|structure`, on statistics CSVs and a database written here."""
 import os
 import subprocess
 import sys
@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+import report
 import utils
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float('nan')
 # positive_proxy peaks at epoch 2 in R@1 and ends lower; its R@2 peaks later, at the final epoch
 RUNS = {
@@ -45,7 +47,7 @@ def assert_png_and_pdf(png):
 
 
 def test_several_runs_share_one_figure_one_line_per_run_in_every_panel(csvs, tmp_path):
-    fig = utils.plot_runs(utils.read_statistics(csvs), str(tmp_path / 'comparison.png'))
+    fig = utils.plot_runs(report.read_statistics(csvs), str(tmp_path / 'comparison.png'))
     assert_png_and_pdf(str(tmp_path / 'comparison.png'))
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_ylabel() for ax in panels] == \
@@ -65,7 +67,7 @@ def test_train_py_single_run_figure_is_named_after_the_run(tmp_path):
 
 
 def test_table_reads_best_epoch_by_r1_and_final_epoch_and_warns_of_test_set_selection(csvs):
-    table = utils.results_table(utils.read_statistics(csvs))
+    table = report.results_table(report.read_statistics(csvs))
     lines = table.splitlines()
     assert lines[0] == '| run | epoch | R@1 | R@2 | MAP@R |'
     # every metric of the best row is read at the R@1-best epoch (R@2 80.0, not its own best 85.0)
@@ -82,25 +84,25 @@ def test_table_of_runs_with_different_metrics_marks_the_gaps(tmp_path, csvs):
     other = str(tmp_path / 'nmi_only_statistics.csv')
     pd.DataFrame({'epoch': [0, 1, 2], 'loss': [NAN, 1.0, 0.9], 'accuracy': [NAN, 0.5, 0.6],
                   'nmi': [0.5, 0.8, 0.7]}).to_csv(other, index=False)
-    lines = utils.results_table(utils.read_statistics([csvs[0], other])).splitlines()
+    lines = report.results_table(report.read_statistics([csvs[0], other])).splitlines()
     assert lines[0] == '| run | epoch | R@1 | R@2 | MAP@R | NMI |'
     assert lines[3] == '| nmi_only | 1 / 2 (by NMI) | – | – | – | 80.0 / 70.0 |'
 
 
 def test_table_command_prints_the_table_or_writes_it_atomically(csvs, tmp_path, capsys):
-    utils.main(['table', *csvs])
+    report.main(['table', *csvs])
     printed = capsys.readouterr().out
-    assert printed == utils.results_table(utils.read_statistics(csvs))
+    assert printed == report.results_table(report.read_statistics(csvs))
     out = tmp_path / 'tables' / 'results.md'
-    utils.main(['table', *csvs, '--out', str(out)])
+    report.main(['table', *csvs, '--out', str(out)])
     assert out.read_text() == printed
     assert os.listdir(out.parent) == ['results.md']
 
 
 def test_plot_command_writes_png_and_pdf_beside_the_csvs_by_default(csvs, tmp_path):
-    utils.main(['plot', *csvs])
+    report.main(['plot', *csvs])
     assert_png_and_pdf(str(tmp_path / 'comparison.png'))
-    utils.main(['plot', *csvs, '--out', str(tmp_path / 'figures' / 'losses')])
+    report.main(['plot', *csvs, '--out', str(tmp_path / 'figures' / 'losses')])
     assert_png_and_pdf(str(tmp_path / 'figures' / 'losses.png'))
 
 
@@ -115,29 +117,36 @@ def test_a_csv_that_is_not_train_py_statistics_is_refused_naming_the_file(tmp_pa
     bad = tmp_path / 'bad_statistics.csv'
     bad.write_text(content)
     with pytest.raises(ValueError, match=message) as error:
-        utils.read_statistics([csvs[0], str(bad)])
+        report.read_statistics([csvs[0], str(bad)])
     assert str(bad) in str(error.value)
 
 
 def test_no_csv_is_an_error():
     with pytest.raises(ValueError, match='no statistics CSV'):
-        utils.read_statistics([])
+        report.read_statistics([])
 
 
 @pytest.mark.slow  # seconds: a fresh interpreter, or the whole synthetic set generated
 def test_command_line_errors_name_the_file_and_exit_non_zero(tmp_path):
     bad = tmp_path / 'bad_statistics.csv'
     bad.write_text('a,b\n1,2\n')
-    done = subprocess.run([sys.executable, 'utils.py', 'table', str(bad)], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, 'report.py', 'table', str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1
     assert done.stderr == f"error: {bad}: not a statistics CSV of train.py: no 'epoch' column, " \
         "no 'loss' column, no 'accuracy' column\n"
     with pytest.raises(FileNotFoundError, match='missing_statistics.csv'):  # which __main__ reports the same way
-        utils.main(['plot', str(tmp_path / 'missing_statistics.csv')])
+        report.main(['plot', str(tmp_path / 'missing_statistics.csv')])
     with pytest.raises(SystemExit) as stop:
-        utils.main(['table'])  # no file at all: argparse's usage error
+        report.main(['table'])  # no file at all: argparse's usage error
     assert stop.value.code == 2
+
+
+
+@pytest.mark.slow  # seconds: a fresh interpreter
+def test_report_py_prints_the_table_as_a_user_runs_it(csvs):
+    done = subprocess.run([sys.executable, 'report.py', 'table', *csvs], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == report.results_table(report.read_statistics(csvs))
 
 
 def clustered_embeddings(num_classes, per_class, dim=16, seed=0):
@@ -187,7 +196,7 @@ def test_map_command_draws_a_database_beside_it(tmp_path):
     path = tmp_path / 'synthetic_resnet18_positive_proxy_512_3_data_base.pth'
     torch.save({'test_embeddings': embeddings, 'test_labels': labels, 'test_classes': ['a', 'b', 'c'],
                 'test_images': [f'{i}.jpg' for i in range(len(labels))]}, path)
-    utils.main(['map', str(path)])
+    report.main(['map', str(path)])
     assert_png_and_pdf(str(tmp_path / 'synthetic_resnet18_positive_proxy_512_3_embedding_map.png'))
 
 
@@ -216,7 +225,7 @@ def tangent(vector, at):
 
 
 def test_figure_arrows_are_the_losses_gradients_under_each_rule():
-    softmax, positive, pull = (utils.method_gradients(name)
+    softmax, positive, pull = (report.method_gradients(name)
                                for name in ('normalized_softmax', 'positive_proxy', 'positive_pull'))
     f, proxies = softmax['embedding'], softmax['proxies']
     for arrows in (softmax, positive, pull):
@@ -245,13 +254,13 @@ def test_structure_command_draws_the_three_rules(tmp_path):
     """Pushes on f_i under normalized softmax and positive_proxy, none under positive_pull; a step
     of the other proxies under normalized softmax and positive_pull, none under positive_proxy."""
     import matplotlib.colors
-    utils.main(['structure', '--out', str(tmp_path / 'structure.png')])
+    report.main(['structure', '--out', str(tmp_path / 'structure.png')])
     assert_png_and_pdf(str(tmp_path / 'structure.png'))
-    fig = utils.plot_structure(str(tmp_path / 'again.png'))
+    fig = report.plot_structure(str(tmp_path / 'again.png'))
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title().split(':')[0].split(' ')[0] for ax in panels] == \
         ['normalized_softmax', 'positive_proxy', 'positive_pull']
-    push, proxy_step = matplotlib.colors.to_rgba(utils.PUSH), matplotlib.colors.to_rgba(utils.PROXY_STEP)
+    push, proxy_step = matplotlib.colors.to_rgba(report.PUSH), matplotlib.colors.to_rgba(report.PROXY_STEP)
     pushes = [arrow_colours(ax).count(push) for ax in panels]
     proxy_steps = [arrow_colours(ax).count(proxy_step) for ax in panels]
     assert pushes[0] > 0 and pushes[1] == pushes[0] and pushes[2] == 0

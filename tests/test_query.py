@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
 from model import Model
 
@@ -123,7 +124,7 @@ def test_a_copy_of_a_database_image_retrieves_what_the_image_itself_does(databas
     shutil.copy(original, copy)
     # the saved model embeds it as train.py embedded the test set: its stored embedding again
     model = query_tool.load_model(model_file, database, database_file, 'cpu')
-    assert torch.allclose(query_tool.embed_queries(model, [str(copy)])[0],
+    assert torch.allclose(gallery_tool.embed_queries(model, [str(copy)])[0],
                           database['test_embeddings'][137], atol=1e-5)
 
     run_query(database_file, [original], tmp_path / 'out', 5)

@@ -1,4 +1,4 @@
-"""Studies across seeds: `python utils.py table` and `plot --mean_over_seeds` group the runs whose names
+"""Studies across seeds: `python report.py table` and `plot --mean_over_seeds` group the runs whose names
 differ only in their _seed{N} tail."""
 import json
 
@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import report
 import utils
 from test_plots import assert_png_and_pdf
 
@@ -33,7 +34,7 @@ def write_runs(tmp_path, runs):
 
 
 def table_lines(runs):
-    return utils.results_table(runs).splitlines()
+    return report.results_table(runs).splitlines()
 
 
 def test_seed_group_is_the_run_name_without_its_seed_tail():
@@ -97,9 +98,9 @@ def test_mean_curve_per_group_with_a_band_of_one_standard_deviation(tmp_path):
 
 def test_plot_command_draws_seed_means(tmp_path, capsys):
     paths = write_runs(tmp_path, SEEDS)
-    utils.main(['plot', *paths, '--mean_over_seeds', '--out', str(tmp_path / 'seeds')])
+    report.main(['plot', *paths, '--mean_over_seeds', '--out', str(tmp_path / 'seeds')])
     assert_png_and_pdf(str(tmp_path / 'seeds.png'))
-    utils.main(['table', *paths])
+    report.main(['table', *paths])
     assert f'| {PREFIX} (mean ± std, n=3 seeds) | final 2 |' in capsys.readouterr().out
 
 
@@ -123,7 +124,7 @@ def write_arguments(paths, **values):
 def test_table_shows_the_arguments_asked_for_and_what_a_seed_group_shares(tmp_path, capsys):
     paths = write_runs(tmp_path, SEEDS)
     write_arguments(paths, lr=[1e-4] * 3)
-    utils.main(['table', *paths, '--args', 'lr,--seed'])
+    report.main(['table', *paths, '--args', 'lr,--seed'])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == '| run | lr | seed | epoch | R@1 | MAP@R |'
     assert lines[2] == f'| {PREFIX}_seed0 | 0.0001 | 0 | 2 / 2 | 50.0 / 50.0 | 20.0 / 20.0 |'
@@ -134,16 +135,16 @@ def test_table_shows_the_arguments_asked_for_and_what_a_seed_group_shares(tmp_pa
 def test_table_args_name_the_run_file_that_lacks_them(tmp_path):
     paths = write_runs(tmp_path, SEEDS)
     with pytest.raises(ValueError, match=r'seed0_args\.json: needed for --args'):
-        utils.main(['table', *paths, '--args', 'lr'])
+        report.main(['table', *paths, '--args', 'lr'])
     write_arguments(paths, lr=[1e-4] * 3)
     with pytest.raises(ValueError, match=r'seed0_args\.json: no argument scale \(it has seed, loss_name, lr\)'):
-        utils.main(['table', *paths, '--args', 'lr,scale'])
+        report.main(['table', *paths, '--args', 'lr,scale'])
 
 
 def test_table_at_epoch_zero_gives_the_untrained_network_per_run_and_per_group():
     runs = dict(SEEDS)
     runs[f'{PREFIX}_seed1'] = statistics(0.55, 0.25).assign(**{'recall@1': [0.36, 0.3, 0.55]})
-    lines = utils.results_table(runs, epoch=0).splitlines()
+    lines = report.results_table(runs, epoch=0).splitlines()
     assert lines[3] == f'| {PREFIX}_seed1 | 0 | 36.0 | 10.0 |'
     # R@1 at epoch 0: 30, 36, 30 %: mean 32.0, sample std 3.5
     assert lines[5] == f'| {PREFIX} (mean ± std, n=3 seeds) | 0 | 32.0 ± 3.5 | 10.0 ± 0.0 |'
@@ -153,4 +154,4 @@ def test_table_at_epoch_zero_gives_the_untrained_network_per_run_and_per_group()
 def test_table_at_an_epoch_a_run_has_not_reached_names_the_run(tmp_path):
     paths = write_runs(tmp_path, SEEDS)
     with pytest.raises(ValueError, match=rf'run {PREFIX}_seed0 has no epoch 5: its statistics end at epoch 2'):
-        utils.main(['table', *paths, '--epoch', '5'])
+        report.main(['table', *paths, '--epoch', '5'])
