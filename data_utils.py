@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import IMAGE_EXTENSIONS, atomic_path, load_torch_file, read_rgb, run_script
+from utils import IMAGE_EXTENSIONS, Range, atomic_path, load_torch_file, read_rgb, run_script
 
 # -----------------------------------------------------------------------------
 # reading prepared splits
@@ -758,18 +758,18 @@ def main(argv=None):
                              'or the class folders alone)')
     parser.add_argument('--crop', action='store_true',
                         help='save bounding-box crops and list those instead (car, cub and synthetic only)')
-    parser.add_argument('--max_size', type=int, default=None, metavar='N',
+    parser.add_argument('--max_size', type=Range(int, 1), default=None, metavar='N',
                         help='list JPEG copies (quality 95) shrunk to a longer side of at most N pixels, aspect '
                              'kept, saved under DATA_PATH/<name>/resized_N/ (after --crop if both), so that '
                              'training decodes small images; images already within N are listed as they are')
-    parser.add_argument('--test_fraction', type=float, default=None, metavar='F',
+    parser.add_argument('--test_fraction', type=Range(float, 0, 1, closed=False), default=None, metavar='F',
                         help='your own data set without a split: the last F of its sorted classes are the test '
                              f'classes, the others train (default {DEFAULT_TEST_FRACTION})')
     synthetic = parser.add_argument_group('synthetic set (--data_name synthetic)')
-    synthetic.add_argument('--num_classes', type=int, default=100, help='half train, half unseen test classes')
-    synthetic.add_argument('--images_per_class', type=int, default=20)
-    synthetic.add_argument('--image_size', type=int, default=64)
-    synthetic.add_argument('--seed', type=int, default=0)
+    synthetic.add_argument('--num_classes', type=Range(int, 2), default=100, help='half train, half unseen test classes')
+    synthetic.add_argument('--images_per_class', type=Range(int, 2), default=20)
+    synthetic.add_argument('--image_size', type=Range(int, 1), default=64)
+    synthetic.add_argument('--seed', type=Range(int, 0), default=0)
     args = parser.parse_args(argv)
     synthetic_options = dict(num_classes=args.num_classes, images_per_class=args.images_per_class,
                              image_size=args.image_size, seed=args.seed)

@@ -22,7 +22,7 @@ from matplotlib.patches import FancyBboxPatch
 
 from data_utils import render  # the synthetic set's drawing: the pipeline's example image
 from loss import GRADIENT_MASKS, GRADIENT_RULES, build_loss
-from utils import (RUN_COLUMNS, atomic_path, group_runs, load_database, metric_columns, metric_label,
+from utils import (RUN_COLUMNS, Range, atomic_path, group_runs, load_database, metric_columns, metric_label,
                    plot_embedding_map, plot_runs, pyplot, run_label, run_prefix, run_script, save_figure)
 
 # -----------------------------------------------------------------------------
@@ -352,7 +352,7 @@ def parse_args(argv=None):
     table.add_argument('--out', help='write the table to FILE instead of printing it', metavar='FILE')
     table.add_argument('--args', help="comma-separated train.py arguments to show as columns, read from each "
                                       "run's {run}_args.json, e.g. lr,scale", metavar='NAMES')
-    table.add_argument('--epoch', type=int, help='every metric at epoch N instead of best / final '
+    table.add_argument('--epoch', type=Range(int, 0), help='every metric at epoch N instead of best / final '
                                                  '(0: the network before training)', metavar='N')
     embedding_map = commands.add_parser('map', help="t-SNE map of a run's test embeddings, coloured by class")
     embedding_map.add_argument('data_base', help='{run}_data_base.pth written by train.py')

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from gallery import (EMBEDDING_ARGS, SEARCHES, Gallery, Query, default_index_path, describe_model, embed_queries,
                      index_gallery, index_ivf, load_index, model_identity, search, update_index, why_unreadable)
 from model import Model
-from utils import (IMAGE_EXTENSIONS, add_device_argument, atomic_path, database_split, load_database, read_rgb,
+from utils import (IMAGE_EXTENSIONS, Range, add_device_argument, atomic_path, database_split, load_database, read_rgb,
                    resolve_device, run_script, stored_run_name)
 
 GREEN, RED, GREY = (0, 160, 0), (210, 0, 0), (150, 150, 150)
@@ -68,8 +68,8 @@ def parse_args(argv=None):
     parser.add_argument('--search', default='exact', choices=SEARCHES,
                         help="exact: every gallery embedding; ivf: faiss's inverted-file index of --index "
                              '(built once and kept in it; approximate, needs faiss-cpu)')
-    parser.add_argument('--nprobe', type=int, default=32, help='--search ivf: inverted lists searched per query')
-    parser.add_argument('--retrieval_num', type=int, default=8, help='how many images to retrieve per query')
+    parser.add_argument('--nprobe', type=Range(int, 1), default=32, help='--search ivf: inverted lists searched per query')
+    parser.add_argument('--retrieval_num', type=Range(int, 1), default=8, help='how many images to retrieve per query')
     add_device_argument(parser)
     parser.add_argument('--output_dir', default='results')
     args = parser.parse_args(argv)
@@ -77,8 +77,6 @@ def parse_args(argv=None):
     indexing = args.gallery is not None or args.index is not None
     if args.gallery is not None and args.model is None:
         parser.error('--gallery needs --model, the _model.pth of the run whose network embeds the photos')
-    if args.nprobe < 1:
-        parser.error(f'--nprobe {args.nprobe}: at least one list must be searched')
     if args.search != 'exact' and not indexing:
         parser.error(f'--search {args.search} searches a gallery index: use it with --gallery or --index')
     if args.index is None and args.gallery is not None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data_utils import PREPARERS, load_splits, validation_splits
 from loss import LOSSES, build_loss, loss_recipe
 from model import BACKBONES, POOLINGS, Model, backbone_spec, embed, preferred_memory_format, recipe, weights_file
-from utils import (METRICS, ImageDataset, RetrievalData, add_device_argument, atomic_path, build_database,
+from utils import (METRICS, ImageDataset, Range, RetrievalData, add_device_argument, atomic_path, build_database,
                    build_transforms, evaluate, load_torch_file, plot_embedding_map, plot_statistics, resolve_device,
                    run_defining, run_name, run_script, save_torch_file)
 
@@ -49,11 +49,11 @@ def build_parser():
     parser.add_argument('--data_name', default='car',
                         help=f'a built-in data set ({", ".join(PREPARERS)}) or your own, '
                              'prepared by data_utils.py from DATA_PATH/DATA_NAME/')
-    parser.add_argument('--val_fraction', type=float, default=None, metavar='F',
+    parser.add_argument('--val_fraction', type=Range(float, 0, 1, closed=False), default=None, metavar='F',
                         help='evaluate on the last F of the sorted training classes, trained without them, '
                              'instead of on the test classes: for choosing hyperparameters')
     parser.add_argument('--crop', action='store_true', help='use the bounding-box crops (data_utils.py --crop)')
-    parser.add_argument('--max_size', type=int, default=None,
+    parser.add_argument('--max_size', type=Range(int, 1), default=None,
                         help='use the resized copies of data_utils.py --max_size N (cheaper decoding)')
     parser.add_argument('--backbone_type', default='resnet50', type=backbone_type,
                         help=f'{", ".join(BACKBONES)}, or timm:NAME for any timm model, e.g. timm:vit_small_patch16_224.dino; '
@@ -66,20 +66,20 @@ def build_parser():
     parser.add_argument('--no_freeze_bn', dest='freeze_bn', action='store_false',
                         help='let BatchNorm statistics of a pretrained backbone train')
     parser.add_argument('--loss_name', default='positive_proxy', choices=list(LOSSES))
-    parser.add_argument('--feature_dim', type=int, default=512)
-    parser.add_argument('--scale', type=float, default=32.0,
+    parser.add_argument('--feature_dim', type=Range(int, 1), default=512)
+    parser.add_argument('--scale', type=Range(float, 0, closed=False), default=32.0,
                         help="softmax temperature: logits = scale * cosine; Proxy-Anchor's alpha")
-    parser.add_argument('--batch_size', type=int, default=64, help='global: split evenly over the torchrun processes')
-    parser.add_argument('--num_epochs', type=int, default=20)
-    parser.add_argument('--lr', type=float, default=1e-4, help='learning rate of the network')
-    parser.add_argument('--proxy_lr', type=float, default=1e-2, help='learning rate of the proxies')
-    parser.add_argument('--weight_decay', type=float, default=1e-4)
-    parser.add_argument('--lr_decay_step', type=int, default=10, help='epochs between learning-rate decays')
-    parser.add_argument('--lr_decay_gamma', type=float, default=0.5)
-    parser.add_argument('--warmup_epochs', type=int, default=0,
+    parser.add_argument('--batch_size', type=Range(int, 1), default=64, help='global: split evenly over the torchrun processes')
+    parser.add_argument('--num_epochs', type=Range(int, 1), default=20)
+    parser.add_argument('--lr', type=Range(float, 0, closed=False), default=1e-4, help='learning rate of the network')
+    parser.add_argument('--proxy_lr', type=Range(float, 0, closed=False), default=1e-2, help='learning rate of the proxies')
+    parser.add_argument('--weight_decay', type=Range(float, 0), default=1e-4)
+    parser.add_argument('--lr_decay_step', type=Range(int, 1), default=10, help='epochs between learning-rate decays')
+    parser.add_argument('--lr_decay_gamma', type=Range(float, 0, closed=False), default=0.5)
+    parser.add_argument('--warmup_epochs', type=Range(int, 0), default=0,
                         help='first epochs in which the backbone trunk does not learn, only the embedding head and proxies')
-    parser.add_argument('--clip_grad', type=float, default=0.0, help='clip the norm of the network gradient to this; 0: off')
-    parser.add_argument('--image_size', type=int, default=224)
+    parser.add_argument('--clip_grad', type=Range(float, 0), default=0.0, help='clip the norm of the network gradient to this; 0: off')
+    parser.add_argument('--image_size', type=Range(int, 1), default=224)
     parser.add_argument('--recalls', default='1,2,4,8', help='the K of Recall@K, comma-separated')
     parser.add_argument('--metrics', default=None,
                         help=f'comma-separated subset of {",".join(METRICS)}; default: all, '
@@ -88,8 +88,8 @@ def build_parser():
     parser.add_argument('--amp', default='none', choices=list(AMP_DTYPES),
                         help='mixed precision of the network (the loss stays fp32); fp16 is for CUDA')
     parser.add_argument('--compile', action='store_true', help='torch.compile the network')
-    parser.add_argument('--num_workers', type=int, default=min(8, os.cpu_count()), help='data loading processes')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--num_workers', type=Range(int, 0), default=min(8, os.cpu_count()), help='data loading processes')
+    parser.add_argument('--seed', type=Range(int, 0), default=0)
     parser.add_argument('--output_dir', default='results')
     parser.add_argument('--resume', default=None,
                         help="a checkpoint PATH, or 'auto': this run's checkpoint in --output_dir if there is one")
@@ -99,9 +99,9 @@ def build_parser():
 def checked(parser, args):
     """The parsed arguments in the form the run uses, or an error naming the flag."""
     try:
-        args.recalls = [int(k) for k in args.recalls.split(',')]
-    except ValueError:
-        parser.error(f'--recalls expects comma-separated integers like 1,2,4,8, got {args.recalls!r}')
+        args.recalls = [Range(int, 1)(k) for k in args.recalls.split(',')]
+    except argparse.ArgumentTypeError:
+        parser.error(f'--recalls expects comma-separated integers >= 1 like 1,2,4,8, got {args.recalls!r}')
     if args.metrics is not None:
         args.metrics = args.metrics.split(',')
         if not set(args.metrics) <= set(METRICS):
@@ -238,9 +238,6 @@ def build_loaders(data, training, args, device, rank, world_size):
     train_transform, test_transform = build_transforms(training.model.backbone_spec, args.image_size)
     loader = functools.partial(build_loader, args=args, device=device, rank=rank, world_size=world_size)
     train_loader = loader(*data.split('train'), train_transform, train=True)
-    if len(train_loader) == 0:
-        raise ValueError(f'--batch_size {args.batch_size} is larger than the {len(data.images["train"])} '
-                         f'training images')
     embed_loaders = {split: loader(*data.split(split), test_transform, train=False) for split in data.images}
     return train_loader, embed_loaders
 
@@ -382,6 +379,14 @@ def announce(args, data, name, device, world_size):
           + (f' x {world_size} processes' if world_size > 1 else '') + f'; files {name}_*')
 
 
+def epoch_line(epoch, num_epochs, loss, accuracy, metrics, seconds):
+    """What an epoch prints: its training loss and proxy accuracy (epoch 0 has none: the untrained
+    network), then every test metric."""
+    trained = f'loss {loss:.4f}  acc {100 * accuracy:.2f}%' if epoch else 'untrained'
+    tested = '  '.join(f'{key.replace("recall@", "R@")} {100 * value:.2f}%' for key, value in metrics.items())
+    return f'epoch {epoch}/{num_epochs}  {trained}  {tested}  ({seconds:.0f}s)'
+
+
 def finish(args, data, embeddings, name):
     """The t-SNE map of the final test embeddings, once (it takes seconds), and the list of files."""
     if embeddings is None:
@@ -390,13 +395,13 @@ def finish(args, data, embeddings, name):
     plot_embedding_map(embeddings['test'], data.labels['test'], data.test_classes, f'{name}_embedding_map.png')
     print(f'saved {name}_{{statistics.csv,results.png,results.pdf,embedding_map.png,embedding_map.pdf,'
           f'model.pth,data_base.pth,checkpoint.pth,args.json}}')
+    print(f'query it: python test.py --data_base {name}_data_base.pth --query_img_name IMAGE_OR_FOLDER')
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed(args)
     is_main = rank == 0  # only rank 0 prints, writes files and plots
-    weights_file(backbone_spec(args.backbone_type), args.pretrained)  # missing weights: stop before any work
     torch.manual_seed(args.seed)  # the same initial network on every rank
 
     # data: labels index the sorted class names of each split; the test set is the gallery
@@ -404,6 +409,10 @@ def main(argv=None):
     if args.val_fraction is not None:  # the test classes are then never looked at
         splits = validation_splits(splits, args.val_fraction)
     data = RetrievalData.from_splits(splits)
+    if args.batch_size > len(data.images['train']):  # flags, then data, then weights: before any work
+        raise ValueError(f'--batch_size {args.batch_size} is larger than the {len(data.images["train"])} '
+                         f'training images; pass --batch_size {len(data.images["train"])} or less')
+    weights_file(backbone_spec(args.backbone_type), args.pretrained)
     if args.metrics is None:
         args.metrics = [m for m in METRICS if m != 'nmi' or len(data.test_classes) <= NMI_MAX_CLASSES]
     # model: network, proxies, optimizer; then the loaders, in the network's input convention
@@ -432,9 +441,7 @@ def main(argv=None):
         # save every file of the epoch, then say so
         if is_main:
             save_epoch(training, data, embeddings, statistics, args, name)
-            print(f'epoch {epoch}/{args.num_epochs}  loss {loss:.4f}  acc {100 * accuracy:.2f}%  '
-                  + '  '.join(f'{key.replace("recall@", "R@")} {100 * value:.2f}%' for key, value in metrics.items())
-                  + f'  ({time.time() - start:.0f}s)', flush=True)
+            print(epoch_line(epoch, args.num_epochs, loss, accuracy, metrics, time.time() - start), flush=True)
 
     if is_main:
         finish(args, data, embeddings if first_epoch <= args.num_epochs else None, name)

@@ -15,6 +15,7 @@ makes `python utils.py ...` say so and stop.
 The plotting stack (matplotlib, SciencePlots, pandas) is imported only where a figure is made,
 so that data_utils.py and test.py start without it.
 """
+import argparse
 import contextlib
 import hashlib
 import json
@@ -104,6 +105,30 @@ def resolve_device(name):
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda: no CUDA device is available')
     return name
+
+
+class Range:
+    """An argparse type: a number of `kind` (int or float) from `low` to `high`, the ends included or
+    not (`closed`); anything else is refused with the range, after the flag's name (argparse adds it):
+    `argument --batch_size: expected an integer >= 1, got '0'`."""
+
+    def __init__(self, kind, low, high=math.inf, closed=True):
+        self.kind, self.low, self.high, self.closed = kind, low, high, closed
+        noun = 'an integer' if kind is int else 'a number'
+        if high == math.inf:
+            self.description = f'{noun} {">=" if closed else ">"} {low}'
+        else:
+            self.description = f'{noun} in {"[" if closed else "("}{low}, {high}{"]" if closed else ")"}'
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        inside = value is not None and (self.low <= value <= self.high if self.closed else self.low < value < self.high)
+        if not inside:  # NaN too: it compares false
+            raise argparse.ArgumentTypeError(f'expected {self.description}, got {text!r}')
+        return value
 
 
 def add_device_argument(parser):

@@ -135,7 +135,7 @@ def test_synthetic_max_size_is_found_by_load_splits(tmp_path):
             assert img.size == (64, 64)  # the original it was made from
 
 
-def test_command_line_max_size(tmp_path):
+def test_command_line_max_size(tmp_path, capsys):
     data_path = str(tmp_path)
     make_cub(data_path)
     with pytest.raises(FileNotFoundError) as error:
@@ -144,5 +144,7 @@ def test_command_line_max_size(tmp_path):
 
     main(['--data_path', data_path, '--data_name', 'cub', '--max_size', '32'])
     assert os.path.isfile(split_path(data_path, 'cub', max_size=MAX_SIZE))
-    with pytest.raises(SystemExit, match='error: --max_size must be a positive number of pixels, got 0'):
+    with pytest.raises(SystemExit) as exited:
         main(['--data_path', data_path, '--data_name', 'cub', '--max_size', '0'])
+    assert exited.value.code == 2
+    assert "argument --max_size: expected an integer >= 1, got '0'" in capsys.readouterr().err

@@ -252,11 +252,14 @@ def test_split_folders_that_are_no_protocol_are_refused(tmp_path, folders, expec
     assert expected in refused(tmp_path, 'mine')
 
 
-def test_too_few_classes_for_the_test_fraction_are_refused(tmp_path):
+def test_too_few_classes_for_the_test_fraction_are_refused(tmp_path, capsys):
     write_classes(tmp_path / 'mine', ['a', 'b', 'c'])
     assert '--test_fraction 0.1 holds out 0 of 3 classes' in refused(tmp_path, 'mine', '--test_fraction', '0.1')
-    assert '--test_fraction must lie strictly between 0 and 1, got 1.0' in \
-        refused(tmp_path, 'mine', '--test_fraction', '1')
+    with pytest.raises(SystemExit) as exited:  # a fraction out of range is refused with the flag's usage
+        main(['--data_path', str(tmp_path), '--data_name', 'mine', '--test_fraction', '1'])
+    assert exited.value.code == 2
+    assert "argument --test_fraction: expected a number in (0, 1), got '1'" in capsys.readouterr().err
+    assert not os.path.exists(split_path(str(tmp_path), 'mine'))
 
 
 def test_names_that_are_no_folder_a_missing_folder_crop_and_fractions_of_built_ins_are_refused(tmp_path):

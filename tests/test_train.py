@@ -79,13 +79,45 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_epoch(synt
 
 @pytest.mark.parametrize('flags,message', [
     (['--recalls', '1,two'], '--recalls'),
+    (['--recalls', '1,0'], '--recalls expects comma-separated integers >= 1'),
     (['--backbone_type', 'vgg'], 'invalid choice'),
+    (['--batch_size', '0'], "argument --batch_size: expected an integer >= 1, got '0'"),
+    (['--num_epochs', '-1'], "argument --num_epochs: expected an integer >= 1, got '-1'"),
+    (['--feature_dim', '8.5'], "argument --feature_dim: expected an integer >= 1, got '8.5'"),
+    (['--val_fraction', '1'], "argument --val_fraction: expected a number in (0, 1), got '1'"),
+    (['--lr', '0'], "argument --lr: expected a number > 0, got '0'"),
+    (['--proxy_lr', 'nan'], "argument --proxy_lr: expected a number > 0, got 'nan'"),
+    (['--weight_decay', '-0.1'], "argument --weight_decay: expected a number >= 0, got '-0.1'"),
+    (['--warmup_epochs', '-1'], "argument --warmup_epochs: expected an integer >= 0, got '-1'"),
+    (['--num_workers', '-2'], "argument --num_workers: expected an integer >= 0, got '-2'"),
 ])
 def test_bad_flags_exit_naming_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit) as stop:
         train.parse_args(flags)
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_data_is_checked_before_the_weights(tmp_path):
+    """A wrong --data_path is said first, not hidden behind the missing ImageNet weights of the
+    default resnet50 (which this machine does not have)."""
+    with pytest.raises(FileNotFoundError) as error:
+        train.main(['--data_path', str(tmp_path / 'nonexistent'), '--data_name', 'cub'])
+    assert 'python data_utils.py' in str(error.value) and 'weights' not in str(error.value)
+
+
+def test_a_batch_larger_than_the_training_set_names_the_flag_before_the_weights(tmp_path):
+    data_utils.prepare_synthetic(str(tmp_path), num_classes=4, images_per_class=5, image_size=32)
+    with pytest.raises(ValueError, match='--batch_size 64 is larger than the 10 training images; '
+                                         'pass --batch_size 10 or less'):
+        train.main(['--data_path', str(tmp_path), '--data_name', 'synthetic', '--backbone_type', 'resnet50'])
+
+
+def test_the_epoch_0_line_shows_the_untrained_network_without_a_loss():
+    metrics = {'recall@1': 0.25, 'map@r': 0.125}
+    assert train.epoch_line(0, 5, float('nan'), float('nan'), metrics, 3.0) == \
+        'epoch 0/5  untrained  R@1 25.00%  map@r 12.50%  (3s)'
+    assert train.epoch_line(1, 5, 2.5, 0.5, metrics, 3.0).startswith('epoch 1/5  loss 2.5000  acc 50.00%  R@1 25.00%')
 
 
 def test_missing_splits_tell_the_user_to_run_data_utils(tmp_path):

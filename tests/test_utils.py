@@ -1,4 +1,5 @@
 """Retrieval metric, transforms and atomic writes."""
+import importlib
 import os
 
 import numpy as np
@@ -155,3 +156,19 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
         with open(tmp, 'w') as f:
             f.write('new')
     assert path.read_text() == 'new'
+
+
+@pytest.mark.parametrize('script,flags,message', [
+    ('data_utils', ['--test_fraction', '0'], "argument --test_fraction: expected a number in (0, 1), got '0'"),
+    ('data_utils', ['--num_classes', '1'], "argument --num_classes: expected an integer >= 2, got '1'"),
+    ('test', ['--retrieval_num', '0'], "argument --retrieval_num: expected an integer >= 1, got '0'"),
+    ('test', ['--nprobe', '0'], "argument --nprobe: expected an integer >= 1, got '0'"),
+    ('report', ['table', 'x.csv', '--epoch', '-1'], "argument --epoch: expected an integer >= 0, got '-1'"),
+])
+def test_every_numeric_flag_states_its_range(script, flags, message, capsys):
+    """The integer and fraction flags of every script refuse a value out of range, naming the
+    flag and the range, before any work."""
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as stop:
+        main(flags)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
