@@ -79,9 +79,11 @@ def export(model_path, export_format, out=None):
     """The embedding network of a run's _model.pth, written for another runtime (default: beside it,
     {run}_model.onnx), with its preprocessing in the file's metadata and in {out}_preprocessing.json."""
     suffix, write = EXPORT_FORMATS[export_format]
+    not_found = f'model file {model_path} not found: export --model names the _model.pth of a run'
+    if not os.path.isfile(model_path):  # said whatever is installed
+        raise FileNotFoundError(not_found)
     import_export_packages(export_format)  # before the slow part: a missing package is said at once
-    model = Model.from_file(model_path, not_found=f'model file {model_path} not found: export --model names '
-                                                  f'the _model.pth of a run')
+    model = Model.from_file(model_path, not_found=not_found)
     run = model.run_args
     out = out or os.path.splitext(model_path)[0] + suffix
     description = {'preprocessing': preprocessing(model.backbone_spec, run['image_size'], run['feature_dim']),

@@ -1,5 +1,8 @@
 """Shared fixtures: the synthetic data set and one short training run on it, made once per session;
 a tiny untrained model file; the devices to run device-dependent tests on (CUDA too, where there is one)."""
+import importlib
+import os
+
 import pytest
 import torch
 
@@ -7,6 +10,26 @@ import data_utils
 import train
 import utils
 from model import Model
+
+
+def absent(message):
+    """A test whose optional extra is missing: skipped, saying so; in CI (CI=true) failed instead,
+    since .ci/run installs every extra and a skip there would hide one that is missing."""
+    if os.environ.get('CI') == 'true':
+        pytest.fail(f'{message} (.ci/run installs it)')
+    pytest.skip(message)
+
+
+def require(module, install):
+    """The optional package `module` (faiss, onnx, ...), or absent() naming it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        absent(f'needs {module}, an optional extra: {install}')
+
+
+EXPORT_EXTRA = 'pip install -r requirements-export.txt'
+BENCH_EXTRA = 'pip install -r requirements-bench.txt'
 
 
 @pytest.fixture(params=['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])

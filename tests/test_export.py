@@ -13,7 +13,7 @@ import export
 import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
 import utils
-from conftest import write_tiny_run
+from conftest import EXPORT_EXTRA, require, write_tiny_run
 from test_query import draw_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,9 +22,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONES = ['resnet18', 'timm:test_vit.r160_in1k']  # a classic CNN, and a timm ViT (random weights)
 
 
+def export_packages():
+    """onnxruntime, once onnx, onnxscript and it are there (else a skip, or a failure in CI)."""
+    for module in ('onnx', 'onnxscript'):
+        require(module, EXPORT_EXTRA)
+    return require('onnxruntime', EXPORT_EXTRA)
+
+
 @pytest.fixture(scope='module', params=BACKBONES)
 def exported(request, tmp_path_factory):
-    onnxruntime = export.import_export_packages('onnx')  # without them: an error that says what to install
+    onnxruntime = export_packages()
     model_file = write_tiny_run(str(tmp_path_factory.mktemp('run')), request.param)['model_file']
     export.main(['--model', model_file, '--format', 'onnx'])
     onnx_file = model_file.removesuffix('.pth') + '.onnx'  # the default: beside the model
@@ -99,6 +106,7 @@ def test_a_missing_model_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow  # a fresh interpreter importing torch, and an export
 def test_export_py_writes_the_file_and_its_preprocessing_as_a_user_runs_it(tiny_run, tmp_path):
+    export_packages()
     out = tmp_path / 'm.onnx'
     cli = subprocess.run([sys.executable, 'export.py', '--model', tiny_run['model_file'], '--out', str(out)],
                          capture_output=True, text=True, cwd=ROOT)

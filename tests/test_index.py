@@ -9,6 +9,7 @@ import torch
 
 import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
+from conftest import BENCH_EXTRA, require
 from model import Model
 from utils import load_torch_file
 from test_query import GREY, close_to, draw_image, frame_colour, results_by_rank
@@ -225,6 +226,7 @@ def test_search_is_exact_with_ties_to_the_lower_index(block_bytes):
 
 
 def test_ivf_search_probing_every_list_finds_what_exact_search_does():
+    require('faiss', BENCH_EXTRA)
     g = torch.Generator().manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(2000, 16, generator=g), dim=1)
     gallery = gallery_tool.Gallery([f'{i}.jpg' for i in range(2000)], embeddings, None, None, '--index test')
@@ -240,6 +242,7 @@ def test_ivf_search_probing_every_list_finds_what_exact_search_does():
 
 @pytest.mark.slow  # several runs of test.py; the ivf itself is tested above
 def test_search_ivf_is_built_once_kept_in_the_index_and_dropped_when_it_changes(tiny_run, tmp_path, capsys):
+    require('faiss', BENCH_EXTRA)
     photos = make_photos(tmp_path / 'photos')
     index = str(tmp_path / 'index.pth')
     run = ['--model', tiny_run['model_file'], '--gallery', str(tmp_path / 'photos'), '--index', index,

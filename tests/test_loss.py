@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import train
+from conftest import BENCH_EXTRA, require
 from loss import LOSSES, build_loss
 
 C, D, SCALE, MARGIN = 5, 8, 16.0, 0.1
@@ -164,7 +165,7 @@ def test_gradients_scale_exactly_with_the_loss_scale(loss_name, device):
 
 def test_proxy_anchor_matches_pytorch_metric_learning(device):
     """Value and both gradients against pytorch-metric-learning 2.9's ProxyAnchorLoss (same proxies)."""
-    losses = pytest.importorskip('pytorch_metric_learning.losses')
+    losses = require('pytorch_metric_learning.losses', BENCH_EXTRA)
     embeddings, proxies, labels = batch(5, device=device, labels=[0, 0, 1, 3, 3, 3, 2])
     reference = losses.ProxyAnchorLoss(C, D, margin=MARGIN, alpha=SCALE).double().to(device)
     with torch.no_grad():

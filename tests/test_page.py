@@ -12,6 +12,7 @@ import torch
 
 import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
+from conftest import absent
 from test_query import draw_image
 
 # Appended to a copy of the page: once everything has loaded, it writes into the page what the
@@ -46,7 +47,7 @@ def open_in_chromium(page, tmp_path):
         out.write(f.read().replace('</body>', CHECKER + '</body>'))
     # file:// pages are each their own origin: reading an image's pixels needs --allow-file-access-from-files
     if shutil.which('chromium') is None:
-        pytest.fail("the page is checked in Chromium, which is not installed: apt-get install chromium (.ci/run does)")
+        absent('needs Chromium, to open the page: apt-get install chromium')
     dom = subprocess.run(['chromium', '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
                           '--disable-component-update', '--disable-sync', '--no-first-run',
                           '--allow-file-access-from-files', f'--user-data-dir={tmp_path / "chromium"}',
