@@ -14,7 +14,7 @@ is evaluated by searching among unseen ones. CUB and Cars take the first half of
 class ids for training; SOP and In-shop ship their split in their metadata, and In-shop
 searches its test items' query images among their gallery images rather than among
 each other. Your own data set brings its split (images.csv's split column, or train/ and test/
-class folders) or has its sorted classes split by --test_fraction. Only CUB, Cars and the
+class folders) or has its classes split at random (--seed) by --test_fraction. Only CUB, Cars and the
 synthetic set can be cropped (--crop).
 """
 import argparse
@@ -23,6 +23,7 @@ import functools
 import itertools
 import math
 import os
+import random
 import re
 import shlex
 import warnings
@@ -528,14 +529,21 @@ def csv_rows(root, path):
     return rows
 
 
-def assign_splits(rows, source, test_fraction):
-    """Rows with their split: their own, or, when they have none, the last test_fraction of the sorted
-    classes test (the zero-shot protocol of CUB and Cars). Returns (rows, split names)."""
+def random_test_classes(classes, test_fraction, seed):
+    """round(test_fraction x classes) of the classes, drawn at random from `seed`: class names say
+    nothing of how alike classes are ("blue ..." and "red ..." would otherwise split by colour)."""
+    fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+    held_out = held_out_count(len(classes), fraction, '--test_fraction', 'classes')
+    return set(random.Random(seed).sample(sorted(classes), held_out))
+
+
+def assign_splits(rows, source, test_fraction, seed=0):
+    """Rows with their split: their own, or, when they have none, a random test_fraction of the
+    classes test, the others train (the zero-shot protocol of CUB and Cars, which keep their
+    published halves). Returns (rows, split names)."""
     present = {row[2] for row in rows}
     if present == {None}:
-        classes = sorted({row[1] for row in rows})
-        fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
-        test = set(classes[len(classes) - held_out_count(len(classes), fraction, '--test_fraction', 'classes'):])
+        test = random_test_classes({row[1] for row in rows}, test_fraction, seed)
         return [(path, name, 'test' if name in test else 'train', where) for path, name, _, where in rows], \
             ('train', 'test')
     if test_fraction is not None:
@@ -583,8 +591,9 @@ def check_data_name(data_name):
         raise ValueError(f'--data_name {data_name!r}: expected the name of one folder in --data_path')
 
 
-def prepare_own(data_path, data_name, crop=False, max_size=None, test_fraction=None):
-    """Your own data set in DIR/<data_name>/: images.csv if there is one, else the class folders."""
+def prepare_own(data_path, data_name, crop=False, max_size=None, test_fraction=None, seed=0):
+    """Your own data set in DIR/<data_name>/: images.csv if there is one, else the class folders;
+    without a split of its own, its classes split at random from `seed`."""
     check_data_name(data_name)
     refuse_crop(data_name, crop, 'your own data set has no bounding boxes')
     root = os.path.join(data_path, data_name)
@@ -593,11 +602,15 @@ def prepare_own(data_path, data_name, crop=False, max_size=None, test_fraction=N
                                 f'(or one of the built-in data sets: {", ".join(PREPARERS)})')
     listing = os.path.join(root, 'images.csv')
     rows = csv_rows(root, listing) if os.path.isfile(listing) else folder_rows(root)
-    rows, split_names = assign_splits(rows, listing if os.path.isfile(listing) else root, test_fraction)
+    rows, split_names = assign_splits(rows, listing if os.path.isfile(listing) else root, test_fraction, seed)
     # the class name is its id too: classes are saved in sorted order
     records = [(path, name, name, None, split) for path, name, split, _ in rows]
-    return write_splits(data_path, data_name, records, crop=False, split_names=split_names, max_size=max_size,
-                        check=functools.partial(check_own_splits, records=records, root=root))
+    out = write_splits(data_path, data_name, records, crop=False, split_names=split_names, max_size=max_size,
+                       check=functools.partial(check_own_splits, records=records, root=root))
+    for split in split_names:  # which classes are learned from, and which searched, said by name
+        classes = sorted({name for _, name, split_of, _ in rows if split_of == split})
+        print(f'{data_name}: {split} classes: {", ".join(map(repr, classes))}')
+    return out
 
 # -----------------------------------------------------------------------------
 # synthetic: the embedded default, a small fine-grained set generated on disk
@@ -737,13 +750,13 @@ def skip_reason(data_path, name, crop):
     return None
 
 
-def preparer(name, test_fraction):
+def preparer(name, test_fraction, seed=0):
     """The function that prepares DIR/<name>/: a built-in data set's, or your own data set's."""
     if name in PREPARERS:
         if test_fraction is not None:
             raise ValueError(f'--test_fraction is for your own data sets; {name} has a fixed split')
         return PREPARERS[name]
-    return functools.partial(prepare_own, data_name=name, test_fraction=test_fraction)
+    return functools.partial(prepare_own, data_name=name, test_fraction=test_fraction, seed=seed)
 
 
 def main(argv=None):
@@ -763,13 +776,14 @@ def main(argv=None):
                              'kept, saved under DATA_PATH/<name>/resized_N/ (after --crop if both), so that '
                              'training decodes small images; images already within N are listed as they are')
     parser.add_argument('--test_fraction', type=Range(float, 0, 1, closed=False), default=None, metavar='F',
-                        help='your own data set without a split: the last F of its sorted classes are the test '
-                             f'classes, the others train (default {DEFAULT_TEST_FRACTION})')
+                        help='your own data set without a split: a random F of its classes (drawn from --seed) '
+                             f'are the test classes, the others train (default {DEFAULT_TEST_FRACTION})')
+    parser.add_argument('--seed', type=Range(int, 0), default=0,
+                        help='draws the synthetic set, and the random class split of your own data set')
     synthetic = parser.add_argument_group('synthetic set (--data_name synthetic)')
     synthetic.add_argument('--num_classes', type=Range(int, 2), default=100, help='half train, half unseen test classes')
     synthetic.add_argument('--images_per_class', type=Range(int, 2), default=20)
     synthetic.add_argument('--image_size', type=Range(int, 1), default=64)
-    synthetic.add_argument('--seed', type=Range(int, 0), default=0)
     args = parser.parse_args(argv)
     synthetic_options = dict(num_classes=args.num_classes, images_per_class=args.images_per_class,
                              image_size=args.image_size, seed=args.seed)
@@ -780,7 +794,7 @@ def main(argv=None):
             print(f'{name}: skipped, {reason}')
             continue
         options = synthetic_options if name == 'synthetic' else {}
-        preparer(name, args.test_fraction)(args.data_path, crop=args.crop, max_size=args.max_size, **options)
+        preparer(name, args.test_fraction, args.seed)(args.data_path, crop=args.crop, max_size=args.max_size, **options)
 
 
 if __name__ == '__main__':

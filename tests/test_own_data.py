@@ -79,21 +79,32 @@ def test_query_and_gallery_folders_give_in_shop_style_splits(tmp_path):
     assert [len(paths) for paths in splits['gallery'].values()] == [2, 2, 2]
 
 
-def test_class_folders_without_split_train_on_the_first_half_of_the_sorted_classes(tmp_path):
-    write_classes(tmp_path / 'mine', CLASSES + ['dog'])  # six classes: three and three
+def test_class_folders_without_split_are_split_at_random_from_the_seed_and_named(tmp_path, capsys):
+    """Classes whose names sort by colour, "blue ..." before "red ...": a split in name order would
+    train on every blue class and test on every red one. The split is drawn from --seed instead,
+    the same for the same seed, and data_utils.py names the classes on each side."""
+    names = [f'{colour} {shape}' for colour in ('blue', 'red') for shape in ('car', 'van', 'bus')]
+    write_classes(tmp_path / 'mine', names)
     splits = prepare(tmp_path, 'mine')
-    assert list(splits['train']) == ['Käfer', 'cat', 'dog']
-    assert list(splits['test']) == ['straße', 'zebra fish', '猫']
+    assert sorted([*splits['train'], *splits['test']]) == sorted(names) and len(splits['test']) == 3
+    assert set(splits['test']) != set(names[3:])  # not the sorted second half
+    printed = capsys.readouterr().out
+    for split in ('train', 'test'):
+        assert f"mine: {split} classes: {', '.join(map(repr, sorted(splits[split])))}" in printed
+    assert prepare(tmp_path, 'mine')['test'] == splits['test']  # the same seed, the same split
+    others = [set(prepare(tmp_path, 'mine', '--seed', str(seed))['test']) for seed in (1, 2, 3)]
+    assert any(other != set(splits['test']) for other in others)
 
     splits = prepare(tmp_path, 'mine', '--test_fraction', '0.2')  # round(0.2 x 6) = 1 test class
-    assert list(splits['test']) == ['猫'] and len(splits['train']) == 5
+    assert len(splits['test']) == 1 and len(splits['train']) == 5
 
 
 def test_resized_copies_are_not_taken_for_a_class_the_next_time(tmp_path):
     write_classes(tmp_path / 'mine', CLASSES[:4])
+    before = prepare(tmp_path, 'mine')
     main(['--data_path', str(tmp_path), '--data_name', 'mine', '--max_size', '16'])  # writes mine/resized_16/<class>/
     assert os.path.isdir(tmp_path / 'mine' / 'resized_16')
-    assert list(prepare(tmp_path, 'mine')['test']) == ['straße', 'zebra fish']
+    assert prepare(tmp_path, 'mine') == before  # the same four classes, not a fifth 'resized_16'
 
 
 def test_csv_with_split_column_any_column_order_quotes_and_byte_order_mark(tmp_path):
@@ -108,7 +119,8 @@ def test_csv_with_split_column_any_column_order_quotes_and_byte_order_mark(tmp_p
                       'test': {'猫 cat': ['imgs/ñ 0.png', 'imgs/ñ 1.png']}}
 
 
-def test_csv_without_split_column_splits_the_sorted_classes(tmp_path):
+def test_csv_without_split_column_splits_its_classes_as_class_folders_do(tmp_path):
+    """The same classes, listed in images.csv instead of folders, get the same random split."""
     root = tmp_path / 'listed'
     rows = []
     for name in CLASSES[:4]:
@@ -117,7 +129,10 @@ def test_csv_without_split_column_splits_the_sorted_classes(tmp_path):
             rows.append(f'{name}_{k}.jpg,{name}')
     write_csv(root, ['path,class', *rows])
     splits = prepare(tmp_path, 'listed')
-    assert list(splits['train']) == CLASSES[:2] and list(splits['test']) == CLASSES[2:4]
+    write_classes(tmp_path / 'folders', CLASSES[:4], images=2)
+    folders = prepare(tmp_path, 'folders')
+    assert list(splits['test']) == list(folders['test']) and len(splits['test']) == 2
+    assert splits['test'][next(iter(splits['test']))][0].endswith('_0.jpg')
 
 
 def test_images_csv_is_read_rather_than_the_folders_beside_it(tmp_path):
@@ -342,9 +357,10 @@ def train_and_query(data_path, data_name, output_dir, *flags):
 def test_train_and_query_on_class_folders_with_non_ascii_names(tmp_path):
     write_classes(tmp_path / 'data' / 'my photos', CLASSES + ['dog'])
     main(['--data_path', str(tmp_path / 'data'), '--data_name', 'my photos'])
+    splits = load_splits(str(tmp_path / 'data'), 'my photos')
     database = train_and_query(tmp_path / 'data', 'my photos', tmp_path / 'results')
-    assert database['train_classes'] == ['Käfer', 'cat', 'dog']
-    assert database['test_classes'] == ['straße', 'zebra fish', '猫']
+    assert database['train_classes'] == sorted(splits['train']) and database['test_classes'] == sorted(splits['test'])
+    assert sorted(database['train_classes'] + database['test_classes']) == sorted(CLASSES + ['dog'])
     assert database['test_embeddings'].shape == (9, 512)
 
 
