@@ -9,9 +9,10 @@ set; it has no class, so its results are framed grey.
     python test.py --data_base results/car_resnet50_positive_proxy_512_20_seed0_data_base.pth \
                    --query_img_name data/car/car_ims/008055.jpg my_car.jpg my_photos/ --retrieval_num 8
 
-Each query gets {output_dir}/{folder}_{image}/ with query_img.jpg, retrieval_img_{rank}_{similarity}.jpg
-and grid.png; several queries also get {output_dir}/retrieval_summary.png, one row per query, and every
-query run writes {output_dir}/index.html, a page of them all.
+Each query gets {output_dir}/{folder}_{image}/ with query_img.jpg, retrieval_img_{rank}_{similarity}.jpg,
+grid.png and its page, index.html; several queries also get {output_dir}/retrieval_summary.png, one row
+per query, and {output_dir}/index.html links every query page in the folder, earlier runs' too.
+--random_queries N draws N gallery images as queries, with --seed, to show typical results.
 
 Any folders of photos become the gallery through an index file, built with a run's saved model and
 brought up to date on every run (only new or changed files are embedded):
@@ -24,10 +25,13 @@ its index of photo folders, exact and faiss search) is gallery.py.
 import argparse
 import glob
 import html
+import json
 import os
+import random
 import re
 import signal
 import sys
+import time
 import urllib.request
 from typing import NamedTuple
 
@@ -69,6 +73,10 @@ def parse_args(argv=None):
                         help="exact: every gallery embedding; ivf: faiss's inverted-file index of --index "
                              '(built once and kept in it; approximate, needs faiss-cpu)')
     parser.add_argument('--nprobe', type=Range(int, 1), default=32, help='--search ivf: inverted lists searched per query')
+    parser.add_argument('--random_queries', type=Range(int, 1), default=None, metavar='N',
+                        help='also query N images of the gallery drawn at random with --seed: typical results, '
+                             'not picked by hand')
+    parser.add_argument('--seed', type=Range(int, 0), default=0, help='the draw of --random_queries')
     parser.add_argument('--retrieval_num', type=Range(int, 1), default=8, help='how many images to retrieve per query')
     add_device_argument(parser)
     parser.add_argument('--output_dir', default='results')
@@ -82,7 +90,7 @@ def parse_args(argv=None):
     if args.index is None and args.gallery is not None:
         args.index = default_index_path(args.model)
     if args.query_img_name is None:
-        args.query_img_name = [] if indexing else [DEFAULT_QUERY]
+        args.query_img_name = [] if indexing or args.random_queries else [DEFAULT_QUERY]
     return args
 
 
@@ -117,6 +125,13 @@ def query_paths(names):
     return list({os.path.abspath(p): p for p in paths}.values())
 
 
+def random_queries(gallery, n, seed):
+    """n images of the gallery, drawn with the seed: the same n for the same seed and gallery."""
+    if n > len(gallery.images):
+        raise ValueError(f'--random_queries {n}: {gallery.name} holds only {len(gallery.images)} images')
+    return [gallery.images[i] for i in random.Random(seed).sample(range(len(gallery.images)), n)]
+
+
 def check_outside_image(path, gallery_name):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--query_img_name {path}: no such image or folder, '
@@ -128,7 +143,7 @@ def check_outside_image(path, gallery_name):
 
 def query_folder(output_dir, path):
     # parent folder + file name: unique for CUB/Cars/synthetic layouts (class folder or car_ims)
-    parent, file_name = os.path.split(os.path.normpath(path))
+    parent, file_name = os.path.split(os.path.abspath(path))
     return os.path.join(output_dir, f'{os.path.basename(parent)}_{os.path.splitext(file_name)[0]}')
 
 
@@ -275,52 +290,117 @@ def write_query_results(tiles, similarities, folder):
 
 
 # -----------------------------------------------------------------------------
-# the page: {output_dir}/index.html
+# the pages: each query's {folder}/index.html, and {output_dir}/index.html of every query page there
 
+PAGE, RECORD = 'index.html', 'page.json'  # a query folder's page, and what it shows (the contents page reads it)
 PAGE_STYLE = '''body { font: 14px sans-serif; margin: 1em; }
 h1 { font-size: 1.3em; }
-section { display: flex; align-items: flex-start; gap: 6px; margin-bottom: 1.5em; }
-figure { margin: 0; width: 160px; text-align: center; }
-figure.query { margin-right: 1.5em; }
-img { max-width: 160px; max-height: 160px; }
+h2 { font-size: 1.05em; margin: 1.2em 0 0.3em; }
+p { margin: 0.3em 0; }
+section { margin-bottom: 1.5em; }
+.row { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 6px; }
+figure { margin: 0; width: 120px; text-align: center; }
+figure.query { margin-right: 1em; }
+img { max-width: 120px; max-height: 120px; }
 figcaption { font-size: 12px; overflow-wrap: anywhere; }'''
 
 
-def link(path, output_dir):
-    """A relative URL from the page to path: the folder can move, and the page opens from disk."""
-    return html.escape(urllib.request.pathname2url(os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))))
+def link(path, page_folder):
+    """A relative URL from a page to path: the folder can move, and the page opens from disk."""
+    return html.escape(urllib.request.pathname2url(os.path.relpath(os.path.abspath(path), os.path.abspath(page_folder))))
 
 
-def page_figure(shown, jpg, output_dir, kind, rank=None, similarity=None):
-    data = {'frame': COLOUR_NAMES[shown.colour], 'class': shown.class_name, 'rank': rank,
-            'similarity': None if similarity is None else f'{similarity:.4f}'}
-    attributes = ''.join(f' data-{key}="{html.escape(str(value))}"' for key, value in data.items() if value is not None)
-    lines = [shown.header, shown.caption] if shown.caption else [shown.header]
-    return (f'<figure class="{kind}"{attributes}><a href="{link(shown.path, output_dir)}">'
-            f'<img src="{link(jpg, output_dir)}" alt="{html.escape(shown.header)}"></a>'
-            f'<figcaption>{"<br>".join(map(html.escape, lines))}</figcaption></figure>')
+def plural(n, word, words=None):
+    return f'{n} {word if n == 1 else words or word + "s"}'
 
 
-def write_page(shown_queries, gallery_name, output_dir):
-    """One self-contained page of a query run: a row per query, its framed query and results as in
-    the grids, each linking to its original image. shown_queries: (tiles, similarities, jpgs) each."""
-    sections = []
-    for tiles, similarities, jpgs in shown_queries:
-        figures = [page_figure(tiles[0], jpgs[0], output_dir, 'query')]
-        figures += [page_figure(shown, jpg, output_dir, 'result', rank, similarity)
-                    for rank, (shown, jpg, similarity) in enumerate(zip(tiles[1:], jpgs[1:], similarities), 1)]
-        sections.append(f'<section>{"".join(figures)}</section>')
-    legend = ('frames: green, the query\'s class; red, another class; grey, no class known (an image from '
-              'outside the database, or a gallery index of photos)')
-    title = f'{len(shown_queries)} queries of {html.escape(gallery_name)}'
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f'<style>\n{PAGE_STYLE}\n</style></head><body>\n<h1>{title}</h1>\n'
-            f'<p>{html.escape(legend)}; each image links to its file.</p>\n'
-            + '\n'.join(sections) + '\n</body></html>\n')
-    path = os.path.join(output_dir, 'index.html')
+def legend(tiles):
+    """What this query's frames mean: the sentence that fits its kind of gallery and query."""
+    query, results = tiles[0], tiles[1:]
+    if query.class_name is not None:
+        return (f'The query comes first, in a grey frame, with its class under it. A result is framed green '
+                f'when it is of the same class, red when it is of another.')
+    if any(shown.class_name is not None for shown in results):
+        return ('The query comes first, in a grey frame. It is not an image of the database, so no class says '
+                'which results are right: they are framed grey, with their class under them.')
+    return ('The query comes first, in a grey frame. A gallery index of photos has no classes: every result '
+            'is framed grey, with its file name under it.')
+
+
+def query_record(tiles, similarities, jpgs, gallery_name, outcome_text, run_started, position):
+    """What a query's page shows, kept beside it as page.json; paths relative to the query's folder.
+    run_started (time.time() of the run) and the query's position in the run order the contents page."""
+    folder = os.path.dirname(jpgs[0])
+    figures = [{'image': os.path.basename(jpg), 'original': os.path.relpath(os.path.abspath(shown.path), os.path.abspath(folder)),
+                'frame': COLOUR_NAMES[shown.colour], 'class': shown.class_name, 'header': shown.header,
+                'caption': shown.caption, 'rank': rank or None,
+                'similarity': None if rank == 0 else f'{similarities[rank - 1]:.4f}'}
+               for rank, (shown, jpg) in enumerate(zip(tiles, jpgs))]
+    return {'query': os.path.basename(tiles[0].path), 'gallery': gallery_name, 'outcome': outcome_text,
+            'legend': legend(tiles), 'written': time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(run_started)),
+            'run_started': run_started, 'position': position, 'figures': figures}
+
+
+def page_figure(figure, folder, page_folder):
+    data = {key: figure[key] for key in ('frame', 'class', 'rank', 'similarity') if figure[key] is not None}
+    attributes = ''.join(f' data-{key}="{html.escape(str(value))}"' for key, value in data.items())
+    lines = [figure['header']] + ([figure['caption']] if figure['caption'] else [])
+    return (f'<figure class="{"result" if figure["rank"] else "query"}"{attributes}>'
+            f'<a href="{link(os.path.join(folder, figure["original"]), page_folder)}">'
+            f'<img src="{link(os.path.join(folder, figure["image"]), page_folder)}" alt="{html.escape(figure["header"])}">'
+            f'</a><figcaption>{"<br>".join(map(html.escape, lines))}</figcaption></figure>')
+
+
+def page_section(record, folder, page_folder, heading):
+    figures = ''.join(page_figure(figure, folder, page_folder) for figure in record['figures'])
+    return (f'<section>{heading}<p>{html.escape(record["outcome"])}. {html.escape(record["legend"])}</p>'
+            f'<div class="row">{figures}</div></section>')
+
+
+def write_html(path, title, body):
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<style>\n{PAGE_STYLE}\n</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n')
     with atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         f.write(page)
     return path
+
+
+def write_query_page(record, folder):
+    """The query's own page, {folder}/index.html, and its record: what a later run's contents page links."""
+    with atomic_path(os.path.join(folder, RECORD)) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(record, f, indent=1)
+    title = f'{record["query"]}: {plural(len(record["figures"]) - 1, "nearest image")} in {record["gallery"]}'
+    note = f'<p>Written {record["written"]}; every query page of this folder: <a href="../{PAGE}">{PAGE}</a>.</p>'
+    return write_html(os.path.join(folder, PAGE), title, note + page_section(record, folder, folder, ''))
+
+
+def query_pages(output_dir):
+    """(folder, record) of every query page under output_dir: the newest run first, each run's queries in
+    their order; a file that is not such a record is left out, saying so."""
+    pages = []
+    for path in glob.glob(os.path.join(output_dir, '*', RECORD)):
+        try:
+            with open(path, encoding='utf-8') as f:
+                record = json.load(f)
+            order = (-float(record['run_started']), int(record['position']), record['figures'])
+        except (OSError, ValueError, KeyError, TypeError):
+            print(f'left out of the contents page: {path} is not a query page record')
+            continue
+        pages.append((order[:2], os.path.dirname(path), record))
+    return [(folder, record) for _, folder, record in sorted(pages, key=lambda page: page[:2])]
+
+
+def write_contents_page(output_dir):
+    """{output_dir}/index.html: every query page in the folder, this run's and earlier ones, newest first."""
+    pages = query_pages(output_dir)
+    sections = [page_section(record, folder, output_dir,
+                             f'<h2><a href="{link(os.path.join(folder, PAGE), output_dir)}">'
+                             f'{html.escape(record["query"])}</a> in {html.escape(record["gallery"])} '
+                             f'<small>({html.escape(record["written"])})</small></h2>')
+                for folder, record in pages]
+    # the folder's own name: an absolute path in the page would be wrong once the folder moves
+    title = f'{plural(len(pages), "query page")} in {os.path.basename(os.path.abspath(output_dir))}/'
+    return write_html(os.path.join(output_dir, PAGE), title, '\n'.join(sections))
 
 # -----------------------------------------------------------------------------
 # the command line
@@ -384,6 +464,8 @@ def main(argv=None):
     else:
         (gallery, stored, embed_outside), ivf = open_database(args), None
     paths = query_paths(args.query_img_name)
+    if args.random_queries:
+        paths = list(dict.fromkeys(paths + random_queries(gallery, args.random_queries, args.seed)))
     if not paths:
         return
     check_distinct_folders(paths, args.output_dir)
@@ -397,17 +479,18 @@ def main(argv=None):
 
     # every retrieval before any file, so that an error leaves no partial output
     results = search(gallery, [queries[p] for p in paths], args.retrieval_num, ivf)
-    rows, shown = [], []
-    for path, (indices, similarities) in zip(paths, results):
+    rows, started = [], time.time()
+    for position, (path, (indices, similarities)) in enumerate(zip(paths, results)):
         rows.append(result_tiles(path, queries[path].label, indices, similarities, gallery))
-        folder = query_folder(args.output_dir, path)
-        shown.append((rows[-1], similarities, write_query_results(rows[-1], similarities, folder)))
-        print(f'{path}: {outcome(gallery, queries[path].label, indices)}; written to {folder}/ (grid.png)')
+        folder, said = query_folder(args.output_dir, path), outcome(gallery, queries[path].label, indices)
+        jpgs = write_query_results(rows[-1], similarities, folder)
+        page = write_query_page(query_record(rows[-1], similarities, jpgs, gallery.name, said, started, position), folder)
+        print(f'{path}: {said}; written to {folder}/ (grid.png, {os.path.basename(page)})')
     if len(rows) > 1:
         summary = os.path.join(args.output_dir, 'retrieval_summary.png')
         save_png(draw_sheet(rows, SUMMARY_TILE), summary)
         print(f'{len(rows)} queries side by side: {summary}')
-    print(f'all of them on one page: {write_page(shown, gallery.name, args.output_dir)}')
+    print(f'every query page of {args.output_dir}, on one page: {write_contents_page(args.output_dir)}')
 
 
 def stop_on_sigterm(signum, frame):

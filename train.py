@@ -396,6 +396,8 @@ def finish(args, data, embeddings, name):
     print(f'saved {name}_{{statistics.csv,results.png,results.pdf,embedding_map.png,embedding_map.pdf,'
           f'model.pth,data_base.pth,checkpoint.pth,args.json}}')
     print(f'query it: python test.py --data_base {name}_data_base.pth --query_img_name IMAGE_OR_FOLDER')
+    print(f'  (or --random_queries 6: six test images at random); '
+          f'the pages it writes: {os.path.join(args.output_dir, "index.html")}')
 
 
 def main(argv=None):

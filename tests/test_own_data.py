@@ -1,6 +1,9 @@
 """Your own data set: any --data_name that is not built in, read from DATA_PATH/NAME/ as class folders or
 images.csv, into the splits train.py and test.py use; its bad inputs; the validation split of train.py."""
 import os
+import shlex
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -12,6 +15,9 @@ import test as query_script
 import train
 from data_utils import load_splits, split_path, validation_splits
 from test_data_utils import main, write_truncated_jpeg
+from test_query import draw_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # spaces and non-ASCII characters in class and file names; sorted: 'Käfer' < 'cat' < 'straße' < 'zebra fish' < '猫'
 CLASSES = ['Käfer', 'cat', 'straße', 'zebra fish', '猫']
@@ -348,7 +354,7 @@ def train_and_query(data_path, data_name, output_dir, *flags):
     query_script.main(['--data_base', f'{prefix}_data_base.pth', '--query_img_name', query, '--retrieval_num', '2',
                        '--output_dir', str(output_dir / 'queries')])
     folder = query_script.query_folder(str(output_dir / 'queries'), query)
-    assert sorted(os.listdir(folder))[:2] == ['grid.png', 'query_img.jpg']
+    assert {'grid.png', 'query_img.jpg', 'index.html'} <= set(os.listdir(folder))
     assert len([f for f in os.listdir(folder) if f.startswith('retrieval_img_')]) == 2
     return database
 
@@ -382,3 +388,42 @@ def test_train_and_query_on_a_csv_set_and_validate_on_held_out_training_classes(
     assert validation['train_classes'] == ['a', 'b', 'c'] and validation['test_classes'] == ['d']
     assert not any('/y ' in path or '/z ' in path for path in validation['test_images'] + validation['train_images'])
     assert validation['args']['val_fraction'] == 0.25
+
+
+def readme_commands(heading):
+    """The commands of the README's first code block under the heading, each split as a shell splits it."""
+    with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    block = readme.split(heading, 1)[1].split('```bash\n', 1)[1].split('```', 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow  # 20 epochs of pretrained EfficientNet-Lite0 at 224 px, as the README says
+def test_the_readme_own_photo_commands_run_as_written_on_six_classes_of_eight_photos(tmp_path):
+    commands = readme_commands('## Your own photos in three commands')
+    assert [command[:2] for command in commands] == [['python', 'data_utils.py'], ['python', 'train.py'],
+                                                     ['python', 'test.py']]
+    for k, colour in enumerate(['red', 'green', 'blue', 'yellow', 'magenta', 'cyan']):
+        (tmp_path / 'data' / 'my_photos' / f'{colour} things').mkdir(parents=True)
+        for i in range(8):
+            draw_image(tmp_path / 'data' / 'my_photos' / f'{colour} things' / f'{i}.jpg', colour, (80 + 7 * i, 64 + 5 * k))
+    draw_image(tmp_path / 'query.jpg', 'red', (90, 70))
+
+    def run(command):  # from a folder with data/ and query.jpg, as a user runs it there
+        done = subprocess.run([sys.executable, os.path.join(REPO, command[1]), *command[2:]], cwd=tmp_path,
+                              capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': REPO})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    said = run(commands[0])
+    assert 'train classes: ' in said and 'test classes: ' in said  # names the 3 classes on each side
+    said = run(commands[1])
+    # train.py's last words: the test.py command of its database, the README's third line
+    database = commands[2][commands[2].index('--data_base') + 1]
+    assert f'python test.py --data_base {database} --query_img_name' in said
+    assert os.path.join('results', 'index.html') in said
+    said = run(commands[2])
+    assert 'query.jpg: outside the database, no ground truth; 8 results' in said
+    assert (tmp_path / 'results' / 'index.html').exists()
+    # its folder: the query, 8 results, the grid, the page and its record
+    assert len(os.listdir(tmp_path / 'results' / f'{tmp_path.name}_query')) == 12

@@ -1,4 +1,5 @@
-"""test.py's page, {output_dir}/index.html, opened in headless Chromium as a user would open it from disk."""
+"""test.py's pages, each query's {folder}/index.html and the contents page {output_dir}/index.html, opened in
+headless Chromium at 1200 px wide as a user would open them from disk."""
 import html
 import json
 import os
@@ -30,9 +31,13 @@ window.addEventListener('load', () => {
               width: image.naturalWidth, pixel: image.naturalWidth ? [...context.getImageData(2, 2, 1, 1).data] : null,
               class: figure.dataset.class || null, rank: figure.dataset.rank || null, frame: figure.dataset.frame};
     }));
+  const sections = [...document.querySelectorAll('section')].map(section => ({
+    heading: section.querySelector('h2 a') ? section.querySelector('h2 a').getAttribute('href') : null,
+    legend: section.querySelector('p').textContent}));
   const report = document.createElement('pre');
   report.id = 'report';
-  report.textContent = JSON.stringify(shown);
+  report.textContent = JSON.stringify({rows: shown, sections: sections, title: document.title,
+                                       scroll_width: document.documentElement.scrollWidth, width: window.innerWidth});
   document.body.appendChild(report);
 });
 </script>
@@ -41,7 +46,8 @@ FRAME_COLOURS = {'green': query_tool.GREEN, 'red': query_tool.RED, 'grey': query
 
 
 def open_in_chromium(page, tmp_path):
-    """What headless Chromium shows of the page: per query row, per image, the checker's record."""
+    """What headless Chromium shows of the page, 1200 px wide: its title and widths, and per query section
+    its heading's link and legend ('sections') and per image the checker's record ('rows')."""
     checked = os.path.join(os.path.dirname(page), 'checked.html')  # beside it: the same relative links
     with open(page) as f, open(checked, 'w') as out:
         out.write(f.read().replace('</body>', CHECKER + '</body>'))
@@ -50,7 +56,7 @@ def open_in_chromium(page, tmp_path):
         absent('needs Chromium, to open the page: apt-get install chromium')
     dom = subprocess.run(['chromium', '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
                           '--disable-component-update', '--disable-sync', '--no-first-run',
-                          '--allow-file-access-from-files', f'--user-data-dir={tmp_path / "chromium"}',
+                          '--allow-file-access-from-files', '--window-size=1200,900', f'--user-data-dir={tmp_path / "chromium"}',
                           '--virtual-time-budget=5000', '--dump-dom', f'file://{checked}'],
                          capture_output=True, text=True, timeout=120).stdout
     os.remove(checked)
@@ -89,7 +95,7 @@ def test_the_page_shows_every_image_framed_as_its_label_says(labelled_database, 
     out = tmp_path / 'out'
     query_tool.main(['--data_base', database_file, '--query_img_name', *queries, '--retrieval_num', '6',
                      '--output_dir', str(out)])
-    rows = open_in_chromium(str(out / 'index.html'), tmp_path)
+    rows = open_in_chromium(str(out / 'index.html'), tmp_path)['rows']
 
     assert len(rows) == 3 and all(len(row) == 7 for row in rows)  # a row per query: itself, then 6 results
     assert all(shown['width'] > 0 for row in rows for shown in row)  # every image loaded
@@ -121,5 +127,54 @@ def test_the_page_still_shows_its_images_when_the_results_folder_moves(labelled_
     shutil.move(tmp_path / 'out', tmp_path / 'moved')
     page = open(tmp_path / 'moved' / 'index.html').read()
     assert str(tmp_path) not in page  # no absolute path, so no link that a move breaks
-    rows = open_in_chromium(str(tmp_path / 'moved' / 'index.html'), tmp_path)
+    rows = open_in_chromium(str(tmp_path / 'moved' / 'index.html'), tmp_path)['rows']
     assert len(rows) == 1 and len(rows[0]) == 4 and all(shown['width'] > 0 for shown in rows[0])
+
+
+def test_each_query_run_keeps_its_pages_and_the_contents_page_links_every_one(labelled_database, tmp_path):
+    database_file, database = labelled_database
+    images, out = database['test_images'], tmp_path / 'out'
+    first, second, outside = images[0], images[4], str(draw_image(tmp_path / 'mine.png', 'red'))
+    run = ['--data_base', database_file, '--retrieval_num', '8', '--output_dir', str(out), '--query_img_name']
+    query_tool.main(run + [first])
+    first_page = out / os.path.basename(query_tool.query_folder('', first)) / 'index.html'
+    kept = first_page.read_text()
+    query_tool.main(run + [second, outside])  # a second run into the same folder
+
+    assert first_page.read_text() == kept  # the first run's page is still there, untouched
+    contents = open_in_chromium(str(out / 'index.html'), tmp_path)
+    assert contents['title'] == '3 query pages in out/'
+    linked = {os.path.normpath(out / urllib.parse.unquote(section['heading'])) for section in contents['sections']}
+    assert linked == {str(out / os.path.basename(query_tool.query_folder('', q)) / 'index.html')
+                      for q in (first, second, outside)}
+    assert all(len(row) == 9 and all(shown['width'] > 0 for shown in row) for row in contents['rows'])
+    # 8 results and the query fit 1200 px, or wrap: never a horizontal scroll bar
+    assert contents['scroll_width'] <= contents['width'] == 1200
+
+    own = open_in_chromium(str(first_page), tmp_path)  # the first query's own page
+    assert own['title'] == f'{os.path.basename(first)}: 8 nearest images in --data_base {database_file}'
+    assert len(own['rows']) == 1 and all(shown['width'] > 0 for shown in own['rows'][0])
+    assert own['scroll_width'] <= own['width']
+    # the legend says what this query's frames mean: its class is known, or it is not
+    legends = {os.path.basename(os.path.dirname(section['heading'])): section['legend']
+               for section in contents['sections']}
+    assert 'green' in legends[os.path.basename(query_tool.query_folder('', first))]
+    assert 'not an image of the database' in legends[os.path.basename(query_tool.query_folder('', outside))]
+    assert 'green' not in legends[os.path.basename(query_tool.query_folder('', outside))]
+
+
+def drawn_queries(database_file, out, *flags):
+    query_tool.main(['--data_base', database_file, '--retrieval_num', '3', '--output_dir', str(out), *flags])
+    return {record['query'] for _, record in query_tool.query_pages(str(out))}
+
+
+def test_random_queries_are_gallery_images_drawn_from_the_seed(labelled_database, tmp_path):
+    database_file, database = labelled_database
+    names = {os.path.basename(path) for path in database['test_images']}
+    drawn = drawn_queries(database_file, tmp_path / 'a', '--random_queries', '4', '--seed', '0')
+    assert len(drawn) == 4 and drawn <= names  # no default query: only the 4 drawn
+    assert drawn_queries(database_file, tmp_path / 'b', '--random_queries', '4', '--seed', '0') == drawn
+    assert drawn_queries(database_file, tmp_path / 'c', '--random_queries', '4', '--seed', '1') != drawn
+    assert (tmp_path / 'a' / 'retrieval_summary.png').exists()  # the sheet of them, a row each
+    with pytest.raises(ValueError, match='--random_queries 13: --data_base .* holds only 12 images'):
+        query_tool.main(['--data_base', database_file, '--random_queries', '13', '--output_dir', str(tmp_path / 'd')])
