@@ -337,8 +337,11 @@ def query_record(tiles, similarities, jpgs, gallery_name, outcome_text, run_star
                 'similarity': None if rank == 0 else f'{similarities[rank - 1]:.4f}'}
                for rank, (shown, jpg) in enumerate(zip(tiles, jpgs))]
     return {'query': os.path.basename(tiles[0].path), 'gallery': gallery_name, 'outcome': outcome_text,
-            'legend': legend(tiles), 'written': time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(run_started)),
-            'run_started': run_started, 'position': position, 'figures': figures}
+            'legend': legend(tiles), 'run_started': run_started, 'position': position, 'figures': figures}
+
+
+def written(record):
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record['run_started']))
 
 
 def page_figure(figure, folder, page_folder):
@@ -370,7 +373,7 @@ def write_query_page(record, folder):
     with atomic_path(os.path.join(folder, RECORD)) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         json.dump(record, f, indent=1)
     title = f'{record["query"]}: {plural(len(record["figures"]) - 1, "nearest image")} in {record["gallery"]}'
-    note = f'<p>Written {record["written"]}; every query page of this folder: <a href="../{PAGE}">{PAGE}</a>.</p>'
+    note = f'<p>Written {written(record)}; every query page of this folder: <a href="../{PAGE}">{PAGE}</a>.</p>'
     return write_html(os.path.join(folder, PAGE), title, note + page_section(record, folder, folder, ''))
 
 
@@ -382,11 +385,13 @@ def query_pages(output_dir):
         try:
             with open(path, encoding='utf-8') as f:
                 record = json.load(f)
-            order = (-float(record['run_started']), int(record['position']), record['figures'])
+            order = (-float(record['run_started']), int(record['position']))
+            if not isinstance(record['figures'], list):
+                raise TypeError('figures')
         except (OSError, ValueError, KeyError, TypeError):
             print(f'left out of the contents page: {path} is not a query page record')
             continue
-        pages.append((order[:2], os.path.dirname(path), record))
+        pages.append((order, os.path.dirname(path), record))
     return [(folder, record) for _, folder, record in sorted(pages, key=lambda page: page[:2])]
 
 
@@ -396,7 +401,7 @@ def write_contents_page(output_dir):
     sections = [page_section(record, folder, output_dir,
                              f'<h2><a href="{link(os.path.join(folder, PAGE), output_dir)}">'
                              f'{html.escape(record["query"])}</a> in {html.escape(record["gallery"])} '
-                             f'<small>({html.escape(record["written"])})</small></h2>')
+                             f'<small>({written(record)})</small></h2>')
                 for folder, record in pages]
     # the folder's own name: an absolute path in the page would be wrong once the folder moves
     title = f'{plural(len(pages), "query page")} in {os.path.basename(os.path.abspath(output_dir))}/'
