@@ -41,9 +41,11 @@ class Gallery(NamedTuple):
 EMBEDDING_ARGS = ('backbone_type', 'pooling', 'feature_dim', 'image_size')
 
 
-def embed_queries(model, paths, desc='embed queries', progress=True):
-    """Embeddings of image files as train.py embedded its test set: same size, same batches."""
-    return embed_images(model, paths, model.run_args['image_size'], model.run_args['batch_size'], desc, progress)
+def embed_queries(model, paths, desc='embed queries', progress=True, amp_dtype=None):
+    """Embeddings of image files as train.py embedded its test set: same size, same batches;
+    autocast to amp_dtype (None: fp32)."""
+    return embed_images(model, paths, model.run_args['image_size'], model.run_args['batch_size'], desc, progress,
+                        amp_dtype)
 
 
 def why_unreadable(path):

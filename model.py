@@ -35,10 +35,10 @@ TIMM_PREFIX = 'timm:'
 @dataclass(frozen=True)
 class Family:
     """What a kind of backbone shares: the poolings it takes (the first is its default), whether
-    the channels-last layout pays on CUDA, and its fine-tuning recipe: train.py's defaults for it
+    the channels-last layout pays, and its fine-tuning recipe: train.py's defaults for it
     (sources in the README's recipe table)."""
     poolings: tuple[str, ...]
-    channels_last: bool
+    channels_last: bool  # whether the channels-last layout pays, on GPUs and CPUs (benchmarks/backbone_speed.py)
     recipe: dict
 
 
@@ -72,6 +72,9 @@ class Backbone:
     interpolation: str = 'bilinear'
     crop_pct: float = 224 / 256
     native_size: int = 224  # the input size the weights were trained at: the default --image_size
+    # whether it trains faster in bf16 on a CPU with bf16 instructions, so that --amp auto trains it
+    # in bf16 there (benchmarks/backbone_speed.py); embedding is faster in bf16 for every backbone
+    trains_faster_in_bf16_on_cpu: bool = True
     family: str = 'cnn'
     pools_itself: bool = False  # the trunk pools (timm's own head); Model adds no pooling
     # the network holding the ImageNet file's weights, where a strict state-dict load does not do (timm)
@@ -178,7 +181,10 @@ BACKBONES: dict[str, Backbone] = {
     'efficientnet_lite0': Backbone(
         build=efficientnet_lite0, trunk=features_only('extract_features', '_avg_pooling', '_dropout', '_fc'),
         channels=1280, weights=lite0_package_file,
-        mean=(127 / 255,) * 3, std=(128 / 255,) * 3, bgr_255=False, interpolation='bicubic', crop_pct=0.875),
+        mean=(127 / 255,) * 3, std=(128 / 255,) * 3, bgr_255=False, interpolation='bicubic', crop_pct=0.875,
+        # its depthwise and 1x1 convolutions are bound by memory, not arithmetic: the casts to bf16
+        # cost more than bf16 saves, and it trains fastest in fp32 channels-last
+        trains_faster_in_bf16_on_cpu=False),
 }
 
 # -----------------------------------------------------------------------------
@@ -443,7 +449,9 @@ class Model(nn.Module):
         return self
 
     def forward(self, images):
-        return F.normalize(self.refactor(self.pool(self.trunk(images))), dim=1)
+        # normalised in fp32 under any autocast: a bf16 norm is off by up to 0.4%, which scales every
+        # similarity of that image and reorders its close neighbours
+        return F.normalize(self.refactor(self.pool(self.trunk(images))).float(), dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -451,10 +459,10 @@ class Model(nn.Module):
 
 
 def preferred_memory_format(device, backbone_spec=None):
-    """channels-last feeds the tensor cores of convolutions on GPUs; on the CPU it does not pay,
-    nor for a ViT (one patch convolution, then tokens). backbone_spec None: a CNN."""
+    """channels-last for a CNN: the layout that GPUs' tensor cores and oneDNN's CPU convolutions
+    run fastest on; not for a ViT (one patch convolution, then tokens). backbone_spec None: a CNN."""
     cnn = backbone_spec is None or FAMILIES[backbone_spec.family].channels_last
-    return torch.channels_last if device.type == 'cuda' and cnn else torch.contiguous_format
+    return torch.channels_last if device.type in ('cuda', 'cpu') and cnn else torch.contiguous_format
 
 
 @torch.no_grad()
@@ -488,10 +496,11 @@ def embed(network, loader, world_size=1, amp_dtype=None, desc='embed', progress=
     return embeddings
 
 
-def embed_images(model, paths, image_size, batch_size=64, desc='embed images', progress=True):
+def embed_images(model, paths, image_size, batch_size=64, desc='embed images', progress=True, amp_dtype=None):
     """Embeddings [len(paths), D] of image files on the CPU, as train.py embeds its test set:
-    the test transform of the model's input convention at image_size, eval mode."""
+    the test transform of the model's input convention at image_size, eval mode, autocast to
+    amp_dtype (None: fp32)."""
     transform = build_transforms(model.backbone_spec, image_size)[1]
     dataset = ImageDataset(paths, [0] * len(paths), transform)  # embed() ignores the labels
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    return embed(model, loader, desc=desc, progress=progress).cpu()
+    return embed(model, loader, amp_dtype=amp_dtype, desc=desc, progress=progress).cpu()

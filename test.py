@@ -23,6 +23,7 @@ This file is the command line, the queries, the grids and the page; what they se
 its index of photo folders, exact and faiss search) is gallery.py.
 """
 import argparse
+import functools
 import glob
 import html
 import json
@@ -40,8 +41,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from gallery import (EMBEDDING_ARGS, SEARCHES, Gallery, Query, default_index_path, describe_model, embed_queries,
                      index_gallery, index_ivf, load_index, model_identity, search, update_index, why_unreadable)
 from model import Model
-from utils import (IMAGE_EXTENSIONS, Range, add_device_argument, atomic_path, database_split, load_database, read_rgb,
-                   resolve_device, run_script, stored_run_name)
+from utils import (AMP_DTYPES, IMAGE_EXTENSIONS, Range, add_amp_argument, add_device_argument, atomic_path,
+                   database_split, load_database, read_rgb, resolve_amp, resolve_device, run_script, stored_run_name)
 
 GREEN, RED, GREY = (0, 160, 0), (210, 0, 0), (150, 150, 150)
 COLOUR_NAMES = {GREEN: 'green', RED: 'red', GREY: 'grey'}  # the page's names of the frames
@@ -79,9 +80,14 @@ def parse_args(argv=None):
     parser.add_argument('--seed', type=Range(int, 0), default=0, help='the draw of --random_queries')
     parser.add_argument('--retrieval_num', type=Range(int, 1), default=8, help='how many images to retrieve per query')
     add_device_argument(parser)
+    add_amp_argument(parser)  # for the images it embeds: the queries from outside, the photos of --gallery
     parser.add_argument('--output_dir', default='results')
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
+    try:
+        args.amp = resolve_amp(args.amp, args.device)
+    except ValueError as e:
+        parser.error(str(e))
     indexing = args.gallery is not None or args.index is not None
     if args.gallery is not None and args.model is None:
         parser.error('--gallery needs --model, the _model.pth of the run whose network embeds the photos')
@@ -418,7 +424,7 @@ def open_database(args):
 
     def embed_outside(paths):
         model = load_model(args.model or default_model_path(database), database, args.data_base, args.device)
-        return embed_queries(model, paths)
+        return embed_queries(model, paths, amp_dtype=AMP_DTYPES[args.amp])
     return database_gallery(database, args.data_base), stored.get, embed_outside
 
 
@@ -427,7 +433,8 @@ def open_index(args):
     model = None
     if args.gallery is not None:
         model = read_model(args.model, args.device, f'the images of --gallery into --index {args.index}')
-        index, report = update_index(args.index, args.gallery, model, model_identity(model, args.model))
+        embed_photos = functools.partial(embed_queries, desc='embed photos', amp_dtype=AMP_DTYPES[args.amp])
+        index, report = update_index(args.index, args.gallery, model, model_identity(model, args.model), embed_photos)
         for path, reason in report.unreadable.items():
             print(f'skipped {path}: not a readable image ({reason})')
         print(f'{args.index}: {report}')
@@ -448,7 +455,7 @@ def open_index(args):
             if model_identity(model, path)['fingerprint'] != index['model']['fingerprint']:
                 raise ValueError(f'--index {args.index} was made with model {describe_model(index["model"])}, '
                                  f'not with --model {describe_model(model_identity(model, path))}')
-        return embed_queries(model, paths)
+        return embed_queries(model, paths, amp_dtype=AMP_DTYPES[args.amp])
     ivf = index_ivf(index, args.index, args.nprobe) if args.search == 'ivf' and args.query_img_name else None
     return gallery, stored, embed_outside, ivf
 

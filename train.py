@@ -26,12 +26,11 @@ from tqdm import tqdm
 from data_utils import PREPARERS, load_splits, validation_splits
 from loss import LOSSES, build_loss, loss_recipe
 from model import BACKBONES, POOLINGS, Model, backbone_spec, embed, preferred_memory_format, recipe, weights_file
-from utils import (METRICS, ImageDataset, Range, RetrievalData, add_device_argument, atomic_path, build_database,
-                   build_transforms, evaluate, load_torch_file, plot_embedding_map, plot_statistics, resolve_device,
-                   run_defining, run_name, run_script, save_torch_file)
+from utils import (AMP_DTYPES, METRICS, ImageDataset, Range, RetrievalData, add_amp_argument, add_device_argument,
+                   atomic_path, build_database, build_transforms, evaluate, load_torch_file, plot_embedding_map,
+                   plot_statistics, resolve_amp, resolve_device, run_defining, run_name, run_script, save_torch_file)
 
 NMI_MAX_CLASSES = 1000
-AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 CHECKPOINT_KEYS = ('model', 'loss', 'optimizer', 'scheduler', 'scaler', 'epoch', 'statistics', 'args')
 
 
@@ -85,8 +84,7 @@ def build_parser():
                         help=f'comma-separated subset of {",".join(METRICS)}; default: all, '
                              f'without nmi when the test set has over {NMI_MAX_CLASSES} classes (k-means is slow there)')
     add_device_argument(parser)
-    parser.add_argument('--amp', default='none', choices=list(AMP_DTYPES),
-                        help='mixed precision of the network (the loss stays fp32); fp16 is for CUDA')
+    add_amp_argument(parser)
     parser.add_argument('--compile', action='store_true', help='torch.compile the network')
     parser.add_argument('--num_workers', type=Range(int, 0), default=min(8, os.cpu_count()), help='data loading processes')
     parser.add_argument('--seed', type=Range(int, 0), default=0)
@@ -107,22 +105,69 @@ def checked(parser, args):
         if not set(args.metrics) <= set(METRICS):
             parser.error(f'--metrics expects a comma-separated subset of {",".join(METRICS)}, got {",".join(args.metrics)}')
     args.device = resolve_device(args.device)
-    if args.amp == 'fp16' and args.device != 'cuda':  # CPUs run fp16 convolutions without hardware support
-        parser.error('--amp fp16 is for CUDA (on CPUs it runs about 20x slower than fp32); '
-                     'on the CPU use --amp bf16 or none')
+    try:
+        args.amp = precision(args.amp, args)  # the precision run, as the run's arguments store it
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
-def parse_args(argv=None):
+def precision(amp, args):
+    """--amp resolved for the run's device and backbone (on a CPU, --amp auto trains in bf16 only
+    the backbones that train faster in it)."""
+    return resolve_amp(amp, args.device, backbone_spec(args.backbone_type).trains_faster_in_bf16_on_cpu)
+
+
+def parse_args(argv=None, amp_default='none'):
+    """The run's arguments, checked; amp_default: --amp's default ('none' before --amp auto)."""
     parser = build_parser()
     # the backbone's family (model.FAMILIES) and the loss (loss.RECIPES) set the recipe defaults: parse
     # once to learn them, then for real; the run is named against these defaults
     first = parser.parse_known_args(argv)[0]
-    parser.set_defaults(**{**recipe(first.backbone_type), **loss_recipe(first.loss_name)})
-    args = checked(parser, parser.parse_args(argv))
-    defaults = checked(parser, parser.parse_args([]))
-    args.run_name = run_name(args, vars(defaults))
+    parser.set_defaults(**{**recipe(first.backbone_type), **loss_recipe(first.loss_name)}, amp=amp_default)
+    args = parser.parse_args(argv)
+    precision_chosen = args.amp == 'auto'
+    args, defaults = checked(parser, args), vars(checked(parser, parser.parse_args([])))
+    # the precision --amp's default chooses for this run is the neutral one: a default run is named
+    # as it always was, whatever it chose
+    defaults['amp'] = precision(amp_default, args)
+    args.run_name = run_name(args, defaults)
+    return continued_run(args, defaults, precision_chosen) if args.resume else args
+
+
+def run_prefix(args):
+    """What every file of the run is named with: {output_dir}/{run_name}, then _{kind}."""
+    return os.path.join(args.output_dir, args.run_name)
+
+
+def checkpoint_path(args):
+    return f'{run_prefix(args)}_checkpoint.pth'
+
+
+def continued_run(args, defaults, precision_chosen):
+    """--resume and the runs begun before --amp auto was the default. Those were named against fp32:
+    where this run has no checkpoint but one exists under that older name, --resume auto continues
+    it. And under --amp auto a run continues in the precision it began in, as its arguments say."""
+    if args.resume == 'auto' and not os.path.exists(checkpoint_path(args)):
+        older = argparse.Namespace(**{**vars(args), 'run_name': run_name(args, {**defaults, 'amp': 'none'})})
+        if os.path.exists(checkpoint_path(older)):
+            print(f'--resume auto: continuing {older.run_name}, the name this run had before --amp auto')
+            args = older
+    path = checkpoint_path(args) if args.resume == 'auto' else args.resume
+    began_in = stored_arguments(path).get('amp')
+    if precision_chosen and began_in not in (None, args.amp):
+        print(f'--amp auto: {path} began in {"fp32" if began_in == "none" else began_in} and continues so')
+        args.amp = began_in
     return args
+
+
+def stored_arguments(checkpoint):
+    """The arguments a run wrote beside its checkpoint ({run}_args.json), or {} if there are none."""
+    try:
+        with open(checkpoint.removesuffix('_checkpoint.pth') + '_args.json') as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def init_distributed(args):
@@ -336,7 +381,7 @@ def save_epoch(training, data, embeddings, statistics, args, name):
     save_torch_file(build_database(data, embeddings, training.loss_fn.proxies, epoch, vars(args)),
                     f'{name}_data_base.pth')
     save_torch_file({**training.state_dict(), 'epoch': epoch, 'statistics': statistics, 'args': vars(args)},
-                    f'{name}_checkpoint.pth')
+                    checkpoint_path(args))
 
 # -----------------------------------------------------------------------------
 # starting and resuming a run
@@ -352,9 +397,9 @@ def load_checkpoint(path, args):
     return checkpoint
 
 
-def resume(training, args, name, is_main):
+def resume(training, args, is_main):
     """(statistics so far, first epoch to run): from the checkpoint --resume names, else a fresh start."""
-    path = f'{name}_checkpoint.pth' if args.resume == 'auto' else args.resume
+    path = checkpoint_path(args) if args.resume == 'auto' else args.resume
     if args.resume == 'auto' and not os.path.exists(path):
         if is_main:
             print(f'--resume auto: no checkpoint {path} yet, starting from epoch 0')
@@ -376,7 +421,8 @@ def announce(args, data, name, device, world_size):
     print(f'{args.data_name}: {len(data.train_classes)} train classes / {len(data.images["train"])} images, '
           f'{len(data.test_classes)} {"validation" if args.val_fraction else "test"} classes / '
           f'{len(data.images["test"])} images; {args.backbone_type} on {device}'
-          + (f' x {world_size} processes' if world_size > 1 else '') + f'; files {name}_*')
+          + (f' x {world_size} processes' if world_size > 1 else '')
+          + f' in {"fp32" if args.amp == "none" else args.amp} (--amp); files {name}_*')
 
 
 def epoch_line(epoch, num_epochs, loss, accuracy, metrics, seconds):
@@ -390,7 +436,7 @@ def epoch_line(epoch, num_epochs, loss, accuracy, metrics, seconds):
 def finish(args, data, embeddings, name):
     """The t-SNE map of the final test embeddings, once (it takes seconds), and the list of files."""
     if embeddings is None:
-        print(f'{name}_checkpoint.pth is already past the last epoch ({args.num_epochs}); nothing to do')
+        print(f'{checkpoint_path(args)} is already past the last epoch ({args.num_epochs}); nothing to do')
         return
     plot_embedding_map(embeddings['test'], data.labels['test'], data.test_classes, f'{name}_embedding_map.png')
     print(f'saved {name}_{{statistics.csv,results.png,results.pdf,embedding_map.png,embedding_map.pdf,'
@@ -400,8 +446,8 @@ def finish(args, data, embeddings, name):
           f'the pages it writes: {os.path.join(args.output_dir, "index.html")}')
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, amp_default='none'):
+    args = parse_args(argv, amp_default)
     rank, world_size, device = init_distributed(args)
     is_main = rank == 0  # only rank 0 prints, writes files and plots
     torch.manual_seed(args.seed)  # the same initial network on every rank
@@ -420,8 +466,8 @@ def main(argv=None):
     # model: network, proxies, optimizer; then the loaders, in the network's input convention
     training = build_training(args, len(data.train_classes), device, world_size)
     train_loader, embed_loaders = build_loaders(data, training, args, device, rank, world_size)
-    name = os.path.join(args.output_dir, args.run_name)
-    statistics, first_epoch = resume(training, args, name, is_main)
+    name = run_prefix(args)
+    statistics, first_epoch = resume(training, args, is_main)
     if is_main:
         announce(args, data, name, device, world_size)
 

@@ -136,6 +136,37 @@ def add_device_argument(parser):
     parser.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'], help='auto: CUDA when present')
 
 
+# the precision autocast runs the network in; the losses keep their fp32 math
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def computes_bf16(device):
+    """Whether the device has bf16 arithmetic in hardware: a CUDA GPU that supports it natively,
+    or a CPU with AVX-512 BF16 or AMX. Elsewhere bf16 is emulated, and slower than fp32."""
+    if device == 'cuda':
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device == 'cpu' and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def add_amp_argument(parser):
+    """The --amp flag of every script that runs the network; resolve it after --device with resolve_amp."""
+    parser.add_argument('--amp', default='none', choices=['auto', *AMP_DTYPES],
+                        help='precision of the network: none (fp32), bf16, fp16 (CUDA only), or auto: bf16 where '
+                             'the device computes bf16 in hardware (CPUs with AVX-512 BF16 or AMX, recent GPUs) '
+                             'and the backbone trains faster in it, fp32 elsewhere; the loss stays fp32')
+
+
+def resolve_amp(name, device, bf16_pays_on_cpu=True):
+    """--amp as run: 'auto' -> 'bf16' where `device` (resolved) computes bf16 in hardware, unless on
+    a CPU the work at hand runs no faster in bf16 (bf16_pays_on_cpu False), else 'none'."""
+    if name == 'auto':
+        return 'bf16' if computes_bf16(device) and (bf16_pays_on_cpu or device != 'cpu') else 'none'
+    if name == 'fp16' and device != 'cuda':  # CPUs run fp16 convolutions without hardware support
+        raise ValueError('--amp fp16 is for CUDA (on CPUs it is many times slower than fp32); '
+                         'on the CPU use --amp bf16, auto or none')
+    return name
+
+
 # Arguments that say where a run reads or writes, or how fast it goes, but not what it computes:
 # changing them keeps the run's name. Every other argument defines the run.
 NOT_RUN_DEFINING = ('data_path', 'output_dir', 'resume', 'num_workers', 'device', 'compile', 'run_name')

@@ -69,7 +69,7 @@ decoded = read_rgb(train_images[0]).size
 # -----------------------------------------------------------------------------
 # one configuration: pure rounds and loop epochs, side by side for each worker count
 
-# train.py lays images out in preferred_memory_format(device): channels-last on CUDA, always.
+# train.py lays images out in preferred_memory_format(device, backbone): channels-last for CNNs.
 # Asking build_training for another layout measures what that choice buys.
 MEMORY_FORMATS = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}
 

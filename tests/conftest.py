@@ -45,6 +45,14 @@ def synthetic_path(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def small_synthetic(tmp_path_factory):
+    """5 train and 5 test classes of 10 images at 32 px: seconds per epoch."""
+    data_path = str(tmp_path_factory.mktemp('small'))
+    data_utils.prepare_synthetic(data_path, num_classes=10, images_per_class=10, image_size=32)
+    return data_path
+
+
+@pytest.fixture(scope='session')
 def trained_run(synthetic_path, tmp_path_factory):
     """A real run: resnet18 from scratch on the synthetic set for 5 epochs (about a minute on 2 cores)."""
     output_dir = str(tmp_path_factory.mktemp('results'))

@@ -10,8 +10,8 @@ import torch
 
 import data_utils
 import train
-from utils import (RetrievalData, build_database, database_split, load_database, load_torch_file, run_name,
-                   save_torch_file)
+from utils import (RetrievalData, build_database, database_split, load_database, load_torch_file, resolve_amp,
+                   run_name, save_torch_file)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_START = ['--data_name', 'synthetic', '--backbone_type', 'resnet18', '--pretrained', 'none', '--image_size', '64',
@@ -30,9 +30,17 @@ def test_the_default_run_is_named_by_its_readable_head_and_seed():
 
 
 @pytest.mark.parametrize('flags', [['--seed', '1'], ['--lr', '1e-2'], ['--pretrained', 'imagenet'], ['--scale', '16'],
-                                   ['--pooling', 'avgmax'], ['--no_freeze_bn'], ['--recalls', '1,5'], ['--amp', 'bf16']])
+                                   ['--pooling', 'avgmax'], ['--no_freeze_bn'], ['--recalls', '1,5']])
 def test_any_argument_that_defines_the_run_changes_its_name(flags):
     assert name(*flags) != name()
+
+
+def test_a_precision_other_than_fp32_changes_the_name_whether_asked_for_or_chosen_by_amp_auto():
+    assert name('--amp', 'none') == name()
+    assert name('--amp', 'bf16') != name()
+    chosen = resolve_amp('auto', 'cpu')
+    assert train.parse_args([*QUICK_START, '--device', 'cpu', '--amp', 'auto']).amp == chosen  # as stored
+    assert name('--device', 'cpu', '--amp', 'auto') == name('--device', 'cpu', '--amp', chosen)
 
 
 @pytest.mark.parametrize('flags', [['--num_workers', '0'], ['--output_dir', 'elsewhere'], ['--data_path', 'd2'],

@@ -32,6 +32,11 @@ def make_photos(folder, n=6):
                                  COLOURS[i], (40 + 10 * i, 60))) for i in range(n))
 
 
+def as_test_py_embeds(model, paths):
+    """Embeddings as test.py makes them by default (--amp none: fp32)."""
+    return gallery_tool.embed_queries(model, paths, progress=False)
+
+
 def index_files(network, index_file, folder, **kwargs):
     model, identity = network
     return gallery_tool.update_index(str(index_file), [str(folder)], model, identity, progress=False, **kwargs)
@@ -57,7 +62,7 @@ def test_indexing_a_folder_embeds_every_image_under_it(tiny_run, network, tmp_pa
     index = gallery_tool.load_index(index_file)
     assert index['paths'] == photos
     model, identity = network
-    assert torch.allclose(index['embeddings'], gallery_tool.embed_queries(model, photos, progress=False), atol=1e-5)
+    assert torch.allclose(index['embeddings'], as_test_py_embeds(model, photos), atol=1e-5)
     assert index['sizes'].tolist() == [os.stat(p).st_size for p in photos]
     assert index['mtimes'].tolist() == [os.stat(p).st_mtime_ns for p in photos]
     assert index['model'] == identity and identity['file'] == os.path.abspath(tiny_run['model_file'])
@@ -136,7 +141,7 @@ def test_queries_search_the_index_in_grey_frames(tiny_run, network, tmp_path, ca
     # a photo of the index: its stored embedding, itself left out; another image: embedded by the model
     own = index['embeddings'] @ index['embeddings'][4]
     own[4] = -2
-    other = index['embeddings'] @ gallery_tool.embed_queries(model, [outside], progress=False)[0]
+    other = index['embeddings'] @ as_test_py_embeds(model, [outside])[0]
     for query, similarities in ((photos[4], own), (outside, other)):
         results = results_by_rank(out / os.path.basename(query_tool.query_folder('', query)))
         assert [s for _, s in results] == pytest.approx(similarities.topk(3).values.tolist(), abs=1e-4)
@@ -260,3 +265,18 @@ def test_search_ivf_is_built_once_kept_in_the_index_and_dropped_when_it_changes(
     os.remove(photos[5])
     query_tool.main(run[:6])  # re-index only
     assert 'ivf' not in gallery_tool.load_index(index)  # built for rows that are gone
+
+
+def test_amp_none_indexes_in_fp32_and_the_default_precision_agrees_with_it(tiny_run, network, tmp_path):
+    photos = make_photos(tmp_path / 'photos')
+    model, _ = network
+    fp32 = gallery_tool.embed_queries(model, photos, progress=False)
+    indexed = {}
+    for amp in ('none', 'auto'):
+        index_file = tmp_path / f'{amp}_index.pth'
+        query_tool.main(['--model', tiny_run['model_file'], '--gallery', str(tmp_path / 'photos'),
+                         '--index', str(index_file), '--amp', amp])
+        indexed[amp] = gallery_tool.load_index(str(index_file))['embeddings']
+    assert torch.allclose(indexed['none'], fp32, atol=1e-5)
+    # bf16 rounds the network's activations, not the ranking: each photo's two embeddings nearly agree
+    assert (indexed['auto'] * fp32).sum(dim=1).min() > 0.99

@@ -1,0 +1,100 @@
+"""Precision and layout as a user meets them: --amp auto runs bf16 where the hardware computes it,
+bf16 embeddings rank the test set as fp32 ones do, channels-last changes nothing but the speed,
+and a run begun before --amp auto was the default is continued by its own command as it began."""
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import train
+from model import Model, backbone_spec, embed, embed_images, preferred_memory_format
+from test_scale_out import first_batches, train_args
+from utils import AMP_DTYPES, computes_bf16, evaluate, load_database, resolve_amp
+
+CPU = torch.device('cpu')
+
+
+def cpu_flags():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return set(next(line for line in f if line.startswith('flags')).split(':', 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip('the CPU flags are read from /proc/cpuinfo, which only Linux has')
+
+
+def test_amp_auto_is_bf16_on_exactly_the_cpus_with_bf16_instructions():
+    has_bf16 = bool({'avx512_bf16', 'amx_bf16'} & cpu_flags())
+    assert computes_bf16('cpu') == has_bf16
+    assert resolve_amp('auto', 'cpu') == ('bf16' if has_bf16 else 'none')
+    assert [resolve_amp(amp, 'cpu') for amp in ('none', 'bf16')] == ['none', 'bf16']  # asked for: as asked
+    with pytest.raises(ValueError, match='--amp fp16 is for CUDA'):
+        resolve_amp('fp16', 'cpu')
+
+
+def test_amp_auto_trains_lite0_in_fp32_on_a_cpu_where_bf16_does_not_pay_for_it():
+    has_bf16 = computes_bf16('cpu')
+    chosen = {backbone: train.parse_args(['--backbone_type', backbone, '--device', 'cpu', '--amp', 'auto']).amp
+              for backbone in ('resnet50', 'efficientnet_lite0')}
+    assert chosen == {'resnet50': 'bf16' if has_bf16 else 'none', 'efficientnet_lite0': 'none'}
+    # and that fp32 run has the name of Lite0's default run
+    assert train.parse_args(['--backbone_type', 'efficientnet_lite0', '--amp', 'auto']).run_name == \
+        'car_efficientnet_lite0_positive_proxy_512_20_seed0'
+
+
+def test_cnns_run_channels_last_on_the_cpu_with_the_embeddings_of_the_contiguous_layout():
+    assert preferred_memory_format(CPU, backbone_spec('resnet18')) == torch.channels_last
+    assert preferred_memory_format(CPU, backbone_spec('timm:vit_small_patch16_224')) == torch.contiguous_format
+    torch.manual_seed(0)
+    model = Model('resnet18', 16, 'none').eval()
+    images = torch.randn(6, 3, 64, 64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(6)), batch_size=3)
+    contiguous = embed(model, loader, progress=False, memory_format=torch.contiguous_format)
+    channels_last = embed(model, loader, progress=False, memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last, contiguous, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_embeddings_give_the_recall_of_fp32_ones_on_the_synthetic_test_set(trained_run):
+    database = load_database(f'{trained_run["prefix"]}_data_base.pth')
+    model = Model.from_file(f'{trained_run["prefix"]}_model.pth')
+    recalls = {}
+    for amp in ('none', 'bf16'):
+        embeddings = embed_images(model, database['test_images'], 64, 64, progress=False, amp_dtype=AMP_DTYPES[amp])
+        recalls[amp] = evaluate(embeddings, database['test_labels'], metrics=['recall'])
+    assert recalls['none']['recall@1'] > 0.3  # a trained network, whose ranking can be disturbed
+    for k, fp32 in recalls['none'].items():
+        assert abs(recalls['bf16'][k] - fp32) <= 0.005, k  # half a point
+
+
+def killed_in_epoch_2(monkeypatch):
+    """train.py dies in its second epoch, after the files of the first are written."""
+    train_epoch = train.train_epoch
+
+    def dying(training, loader, epoch, progress=True):
+        if epoch == 2:
+            train_epoch(training, first_batches(loader, 1), epoch, progress)
+            raise KeyboardInterrupt
+        return train_epoch(training, loader, epoch, progress)
+    monkeypatch.setattr(train, 'train_epoch', dying)
+
+
+@pytest.mark.parametrize('flags', [[], ['--amp', 'none'], ['--amp', 'bf16']], ids=['default', 'none', 'bf16'])
+def test_a_run_from_before_amp_auto_is_continued_by_its_command_in_its_precision(small_synthetic, tmp_path, flags,
+                                                                                   monkeypatch, capsys):
+    argv = train_args(small_synthetic, tmp_path, '--num_epochs', '2', *flags)
+    # the run as the code before --amp auto wrote it (the default was none), killed in epoch 2
+    killed_in_epoch_2(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv, amp_default='none')
+    monkeypatch.undo()
+    before = train.parse_args(argv, amp_default='none')
+    capsys.readouterr()
+
+    train.main([*argv, '--resume', 'auto'])  # the same command today
+    began_in = {'none': 'fp32', 'bf16': 'bf16'}[before.amp]
+    assert f' in {began_in} (--amp)' in capsys.readouterr().out  # printed at the start
+    assert {name.split('_statistics')[0] for name in os.listdir(tmp_path) if name.endswith('.csv')} == {before.run_name}
+    assert pd.read_csv(tmp_path / f'{before.run_name}_statistics.csv')['epoch'].tolist() == [0, 1, 2]
+    with open(tmp_path / f'{before.run_name}_args.json') as f:
+        assert json.load(f)['amp'] == before.amp  # and stored in the run's arguments
