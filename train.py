@@ -28,7 +28,8 @@ from loss import LOSSES, build_loss, loss_recipe
 from model import BACKBONES, POOLINGS, Model, backbone_spec, embed, preferred_memory_format, recipe, weights_file
 from utils import (AMP_DTYPES, METRICS, ImageDataset, Range, RetrievalData, add_amp_argument, add_device_argument,
                    atomic_path, build_database, build_transforms, evaluate, load_torch_file, plot_embedding_map,
-                   plot_statistics, resolve_amp, resolve_device, run_defining, run_name, run_script, save_torch_file)
+                   plot_statistics, precision_label, resolve_amp, resolve_device, run_defining, run_name, run_script,
+                   save_torch_file)
 
 NMI_MAX_CLASSES = 1000
 CHECKPOINT_KEYS = ('model', 'loss', 'optimizer', 'scheduler', 'scaler', 'epoch', 'statistics', 'args')
@@ -156,7 +157,7 @@ def continued_run(args, defaults, precision_chosen):
     path = checkpoint_path(args) if args.resume == 'auto' else args.resume
     began_in = stored_arguments(path).get('amp')
     if precision_chosen and began_in not in (None, args.amp):
-        print(f'--amp auto: {path} began in {"fp32" if began_in == "none" else began_in} and continues so')
+        print(f'--amp auto: {path} began in {precision_label(began_in)} and continues so')
         args.amp = began_in
     return args
 
@@ -422,7 +423,7 @@ def announce(args, data, name, device, world_size):
           f'{len(data.test_classes)} {"validation" if args.val_fraction else "test"} classes / '
           f'{len(data.images["test"])} images; {args.backbone_type} on {device}'
           + (f' x {world_size} processes' if world_size > 1 else '')
-          + f' in {"fp32" if args.amp == "none" else args.amp} (--amp); files {name}_*')
+          + f' in {precision_label(args.amp)} (--amp); files {name}_*')
 
 
 def epoch_line(epoch, num_epochs, loss, accuracy, metrics, seconds):

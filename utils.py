@@ -140,6 +140,11 @@ def add_device_argument(parser):
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
+def precision_label(amp):
+    """How a resolved --amp value is printed: 'none' is fp32."""
+    return 'fp32' if amp == 'none' else amp
+
+
 def computes_bf16(device):
     """Whether the device has bf16 arithmetic in hardware: a CUDA GPU that supports it natively,
     or a CPU with AVX-512 BF16 or AMX. Elsewhere bf16 is emulated, and slower than fp32."""

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from model import backbone_spec, embed, preferred_memory_format  # noqa: E402
-from utils import AMP_DTYPES, atomic_path, computes_bf16, resolve_amp  # noqa: E402
+from utils import AMP_DTYPES, atomic_path, computes_bf16, precision_label, resolve_amp  # noqa: E402
 
 # a classic CNN, Lite0, BN-Inception and a timm ViT: one of every family and input convention
 BACKBONES = 'resnet50,efficientnet_lite0,inception,timm:vit_small_patch16_224'
@@ -115,11 +115,10 @@ for backbone_type in args.backbone_types.split(','):
         print(rows[-2], rows[-1], sep='\n', flush=True)
 
 name, flags = cpu_name()
-label = {'none': 'fp32', 'bf16': 'bf16', 'fp16': 'fp16'}
-head = [f'{label[a]} {layout}' + (' compiled' if c else '') for a, layout, c in configurations]
+head = [f'{precision_label(a)} {layout}' + (' compiled' if c else '') for a, layout, c in configurations]
 table = '\n'.join([
     f'{name} ({flags}), {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch_size}; '
-    f'bf16 in hardware: {computes_bf16("cpu")}; --amp auto runs {label[resolve_amp("auto", "cpu")]}; '
+    f'bf16 in hardware: {computes_bf16("cpu")}; --amp auto runs {precision_label(resolve_amp("auto", "cpu"))}; '
     f'load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after',
     '',
     '| backbone | px | images/s of | ' + ' | '.join(head) + ' | --amp auto vs fp32 contiguous |',
