@@ -65,8 +65,9 @@ def test_bf16_embeddings_give_the_recall_of_fp32_ones_on_the_synthetic_test_clas
     model = Model.from_file(f'{trained_run["prefix"]}_model.pth')
     recalls = {}
     for amp in ('none', 'bf16'):
-        embeddings = embed_images(model, paths, 64, 256, progress=False, amp_dtype=AMP_DTYPES[amp])
-        recalls[amp] = evaluate(embeddings, torch.tensor(labels), metrics=['recall'])
+        embeddings = embed_images(model, paths, trained_run['args'].image_size, 256, progress=False,
+                                  amp_dtype=AMP_DTYPES[amp])
+        recalls[amp] = evaluate(embeddings, labels, metrics=['recall'])
     assert len(paths) == 4000 and recalls['none']['recall@1'] > 0.3  # a trained network, whose ranking can move
     for k, fp32 in recalls['none'].items():
         assert abs(recalls['bf16'][k] - fp32) <= 0.005, k  # half a point
