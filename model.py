@@ -72,9 +72,10 @@ class Backbone:
     interpolation: str = 'bilinear'
     crop_pct: float = 224 / 256
     native_size: int = 224  # the input size the weights were trained at: the default --image_size
-    # whether it trains faster in bf16 on a CPU with bf16 instructions, so that --amp auto trains it
-    # in bf16 there (benchmarks/backbone_speed.py); embedding is faster in bf16 for every backbone
-    trains_faster_in_bf16_on_cpu: bool = True
+    # the smallest --image_size at which it trains faster in bf16 than in fp32 on a CPU with bf16
+    # instructions: --amp auto trains it in bf16 there from this size on, in fp32 below it
+    # (benchmarks/backbone_speed.py); embedding is faster in bf16 for every backbone at every size
+    cpu_bf16_training_from: int = 0
     family: str = 'cnn'
     pools_itself: bool = False  # the trunk pools (timm's own head); Model adds no pooling
     # the network holding the ImageNet file's weights, where a strict state-dict load does not do (timm)
@@ -182,9 +183,10 @@ BACKBONES: dict[str, Backbone] = {
         build=efficientnet_lite0, trunk=features_only('extract_features', '_avg_pooling', '_dropout', '_fc'),
         channels=1280, weights=lite0_package_file,
         mean=(127 / 255,) * 3, std=(128 / 255,) * 3, bgr_255=False, interpolation='bicubic', crop_pct=0.875,
-        # its depthwise and 1x1 convolutions are bound by memory, not arithmetic: the casts to bf16
-        # cost more than bf16 saves, and it trains fastest in fp32 channels-last
-        trains_faster_in_bf16_on_cpu=False),
+        # its depthwise and 1x1 convolutions are bound by memory, not arithmetic: on small images
+        # the casts to bf16 cost more than bf16 saves (fp32 channels-last trains fastest at 96-160
+        # px); from its native 224 px bf16 is as fast or faster, on CPUs with AMX and without
+        cpu_bf16_training_from=224),
 }
 
 # -----------------------------------------------------------------------------

@@ -80,12 +80,13 @@ def parse_args(argv=None):
     parser.add_argument('--seed', type=Range(int, 0), default=0, help='the draw of --random_queries')
     parser.add_argument('--retrieval_num', type=Range(int, 1), default=8, help='how many images to retrieve per query')
     add_device_argument(parser)
-    add_amp_argument(parser)  # for the images it embeds: the queries from outside, the photos of --gallery
+    add_amp_argument(parser, auto='queries against a --data_base in the precision train.py embedded its gallery in, '
+                                  'the photos of --gallery in bf16 where the device computes bf16 in hardware')
     parser.add_argument('--output_dir', default='results')
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
     try:
-        args.amp = resolve_amp(args.amp, args.device)
+        resolve_amp(args.amp, args.device)  # --amp fp16 on a CPU is refused now, before any work
     except ValueError as e:
         parser.error(str(e))
     indexing = args.gallery is not None or args.index is not None
@@ -177,6 +178,11 @@ def read_model(path, device, needed_for):
                                            f'pass --model PATH, the _model.pth of that run').to(device)
 
 
+def database_precision(database):
+    """The precision train.py embedded a database in: its run's --amp as resolved (fp32 before --amp)."""
+    return database['args'].get('amp', 'none')
+
+
 def load_model(path, database, database_path, device):
     """The network that wrote the database's embeddings, checked against them, on device."""
     model = read_model(path, device, f'the queries that are not images of --data_base {database_path}')
@@ -189,8 +195,10 @@ def load_model(path, database, database_path, device):
     if differences:
         raise ValueError(f'model {path} does not fit --data_base {database_path}: '
                          f'{"; ".join(differences)} (model vs database)')
-    # same architecture is not enough: weights of another run or epoch embed into another space
-    cosine = (embed_queries(model, database['test_images'][:1])[0] @ stored[0].float()).item()
+    # same architecture is not enough: weights of another run or epoch embed into another space. In
+    # the database's own precision: a bf16 embedding is not its fp32 one to this cosine
+    embedded = embed_queries(model, database['test_images'][:1], amp_dtype=AMP_DTYPES[database_precision(database)])
+    cosine = (embedded[0] @ stored[0].float()).item()
     if cosine < MIN_REPRODUCED_COSINE:
         raise ValueError(f'model {path} does not reproduce the embeddings of --data_base {database_path} '
                          f'(cosine {cosine:.3f} on {database["test_images"][0]}): they come from different runs '
@@ -417,6 +425,15 @@ def write_contents_page(output_dir):
 # the command line
 
 
+def embedding_dtype(args, gallery_amp=None):
+    """The precision test.py embeds images in: --amp as asked. Under --amp auto, queries against a
+    run's database are embedded as train.py embedded its gallery (gallery_amp, the run's --amp), so
+    a copy of a gallery image finds it at similarity 1; photos of --gallery, in bf16 where the device
+    computes it."""
+    amp = gallery_amp if args.amp == 'auto' and gallery_amp is not None else resolve_amp(args.amp, args.device)
+    return AMP_DTYPES[amp]
+
+
 def open_database(args):
     """(gallery, the stored Query of an absolute path or None, a function embedding outside images)."""
     database = load_database(args.data_base)
@@ -424,7 +441,7 @@ def open_database(args):
 
     def embed_outside(paths):
         model = load_model(args.model or default_model_path(database), database, args.data_base, args.device)
-        return embed_queries(model, paths, amp_dtype=AMP_DTYPES[args.amp])
+        return embed_queries(model, paths, amp_dtype=embedding_dtype(args, database_precision(database)))
     return database_gallery(database, args.data_base), stored.get, embed_outside
 
 
@@ -433,7 +450,7 @@ def open_index(args):
     model = None
     if args.gallery is not None:
         model = read_model(args.model, args.device, f'the images of --gallery into --index {args.index}')
-        embed_photos = functools.partial(embed_queries, desc='embed photos', amp_dtype=AMP_DTYPES[args.amp])
+        embed_photos = functools.partial(embed_queries, desc='embed photos', amp_dtype=embedding_dtype(args))
         index, report = update_index(args.index, args.gallery, model, model_identity(model, args.model), embed_photos)
         for path, reason in report.unreadable.items():
             print(f'skipped {path}: not a readable image ({reason})')
@@ -455,7 +472,7 @@ def open_index(args):
             if model_identity(model, path)['fingerprint'] != index['model']['fingerprint']:
                 raise ValueError(f'--index {args.index} was made with model {describe_model(index["model"])}, '
                                  f'not with --model {describe_model(model_identity(model, path))}')
-        return embed_queries(model, paths, amp_dtype=AMP_DTYPES[args.amp])
+        return embed_queries(model, paths, amp_dtype=embedding_dtype(args))
     ivf = index_ivf(index, args.index, args.nprobe) if args.search == 'ivf' and args.query_img_name else None
     return gallery, stored, embed_outside, ivf
 

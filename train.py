@@ -114,13 +114,13 @@ def checked(parser, args):
 
 
 def precision(amp, args):
-    """--amp resolved for the run's device and backbone (on a CPU, --amp auto trains in bf16 only
-    the backbones that train faster in it)."""
-    return resolve_amp(amp, args.device, backbone_spec(args.backbone_type).trains_faster_in_bf16_on_cpu)
+    """--amp resolved for the run's device, backbone and image size (on a CPU, --amp auto trains in
+    bf16 only what trains faster in it)."""
+    return resolve_amp(amp, args.device, args.image_size >= backbone_spec(args.backbone_type).cpu_bf16_training_from)
 
 
-def parse_args(argv=None, amp_default='none'):
-    """The run's arguments, checked; amp_default: --amp's default ('none' before --amp auto)."""
+def parse_args(argv=None, amp_default='auto'):
+    """The run's arguments, checked; amp_default: --amp's default ('none' until --amp auto became it)."""
     parser = build_parser()
     # the backbone's family (model.FAMILIES) and the loss (loss.RECIPES) set the recipe defaults: parse
     # once to learn them, then for real; the run is named against these defaults
@@ -133,7 +133,10 @@ def parse_args(argv=None, amp_default='none'):
     # as it always was, whatever it chose
     defaults['amp'] = precision(amp_default, args)
     args.run_name = run_name(args, defaults)
-    return continued_run(args, defaults, precision_chosen) if args.resume else args
+    if args.resume:
+        return continued_run(args, defaults, precision_chosen)
+    refuse_writing_over_another_precision(args)
+    return args
 
 
 def run_prefix(args):
@@ -160,6 +163,17 @@ def continued_run(args, defaults, precision_chosen):
         print(f'--amp auto: {path} began in {precision_label(began_in)} and continues so')
         args.amp = began_in
     return args
+
+
+def refuse_writing_over_another_precision(args):
+    """A run's name says its precision only where it differs from what --amp's default chooses, so a
+    fresh run can meet files of its name trained in another precision (begun before --amp auto was
+    the default, or on a device that resolves it otherwise). It would write over them: refuse."""
+    began_in = stored_arguments(checkpoint_path(args)).get('amp')
+    if began_in not in (None, args.amp):
+        raise ValueError(f'{run_prefix(args)}_* hold a run trained in {precision_label(began_in)}, and this one '
+                         f'trains in {precision_label(args.amp)}: continue that run with --resume auto, '
+                         f'or start this one with another --output_dir')
 
 
 def stored_arguments(checkpoint):
@@ -447,7 +461,7 @@ def finish(args, data, embeddings, name):
           f'the pages it writes: {os.path.join(args.output_dir, "index.html")}')
 
 
-def main(argv=None, amp_default='none'):
+def main(argv=None, amp_default='auto'):
     args = parse_args(argv, amp_default)
     rank, world_size, device = init_distributed(args)
     is_main = rank == 0  # only rank 0 prints, writes files and plots

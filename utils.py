@@ -153,12 +153,13 @@ def computes_bf16(device):
     return device == 'cpu' and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def add_amp_argument(parser):
-    """The --amp flag of every script that runs the network; resolve it after --device with resolve_amp."""
-    parser.add_argument('--amp', default='none', choices=['auto', *AMP_DTYPES],
-                        help='precision of the network: none (fp32), bf16, fp16 (CUDA only), or auto: bf16 where '
-                             'the device computes bf16 in hardware (CPUs with AVX-512 BF16 or AMX, recent GPUs) '
-                             'and the backbone trains faster in it, fp32 elsewhere; the loss stays fp32')
+def add_amp_argument(parser, auto='bf16 where the device computes bf16 in hardware (CPUs with AVX-512 BF16 or AMX, '
+                                   'recent GPUs) and the backbone trains faster in it, fp32 elsewhere; the loss stays fp32'):
+    """The --amp flag of every script that runs the network, `auto` saying what the default does
+    there; resolve it after --device with resolve_amp."""
+    parser.add_argument('--amp', default='auto', choices=['auto', *AMP_DTYPES],
+                        help=f'precision of the network: auto (the default): {auto}; none (fp32), bf16, '
+                             'or fp16 (CUDA only)')
 
 
 def resolve_amp(name, device, bf16_pays_on_cpu=True):

@@ -10,8 +10,9 @@ run, in each precision and layout, with and without torch.compile:
   contiguous / cl  the images and weights in the contiguous or the channels-last layout
 
 No data loading: what the network costs, nothing else. Each rate is the median of --rounds
-rounds of --batches batches, after one warm-up batch. The last column is what --amp auto with
-train.py's layout (model.preferred_memory_format), no --compile, gains over fp32 contiguous.
+rounds of --batches batches, after one warm-up batch. The last column is what train.py's
+defaults (--amp auto, the layout of model.preferred_memory_format, no --compile) gain over fp32
+contiguous, which is --amp none in the layout before channels-last became the CPU's default.
 
     python benchmarks/backbone_speed.py                                   # every family, 224 and 128 px
     python benchmarks/backbone_speed.py --backbone_types efficientnet_lite0 --image_sizes 96 --compile off
@@ -78,11 +79,11 @@ def measure(backbone_type, image_size, amp, layout, compiled):
     return statistics.median(train_rates), statistics.median(embed_rates)
 
 
-def default_configuration(backbone_type):
-    """The (amp, layout, compiled) train.py runs this backbone in here with --amp auto."""
-    spec = backbone_spec(backbone_type)
-    fmt = preferred_memory_format(DEVICE, spec)
-    return resolve_amp('auto', 'cpu', spec.trains_faster_in_bf16_on_cpu), next(k for k, v in LAYOUTS.items() if v == fmt), False
+def default_configuration(backbone_type, image_size):
+    """The (amp, layout, compiled) train.py runs this backbone at this size in here by default."""
+    amp = train.parse_args(['--backbone_type', backbone_type, '--image_size', str(image_size), '--device', 'cpu']).amp
+    fmt = preferred_memory_format(DEVICE, backbone_spec(backbone_type))
+    return amp, next(k for k, v in LAYOUTS.items() if v == fmt), False
 
 
 def cpu_name():
@@ -103,8 +104,8 @@ configurations = [(amp, layout, compiled) for compiled in compiles for amp in am
 load_before = os.getloadavg()[0]
 rows = []
 for backbone_type in args.backbone_types.split(','):
-    default = default_configuration(backbone_type)
     for image_size in map(int, args.image_sizes.split(',')):
+        default = default_configuration(backbone_type, image_size)
         rates = {c: measure(backbone_type, image_size, *c) for c in configurations}
         fp32 = ('none', 'contiguous', False)
         for kind, column in (('train', 0), ('embed', 1)):
@@ -121,7 +122,7 @@ table = '\n'.join([
     f'bf16 in hardware: {computes_bf16("cpu")}; --amp auto runs {precision_label(resolve_amp("auto", "cpu"))}; '
     f'load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after',
     '',
-    '| backbone | px | images/s of | ' + ' | '.join(head) + ' | --amp auto vs fp32 contiguous |',
+    '| backbone | px | images/s of | ' + ' | '.join(head) + ' | the defaults (--amp auto) vs fp32 contiguous |',
     '|---|---:|---|' + '---:|' * (len(head) + 1),
     *rows])
 print('\n' + table)

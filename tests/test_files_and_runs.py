@@ -35,12 +35,15 @@ def test_any_argument_that_defines_the_run_changes_its_name(flags):
     assert name(*flags) != name()
 
 
-def test_a_precision_other_than_fp32_changes_the_name_whether_asked_for_or_chosen_by_amp_auto():
-    assert name('--amp', 'none') == name()
-    assert name('--amp', 'bf16') != name()
-    chosen = resolve_amp('auto', 'cpu')
-    assert train.parse_args([*QUICK_START, '--device', 'cpu', '--amp', 'auto']).amp == chosen  # as stored
-    assert name('--device', 'cpu', '--amp', 'auto') == name('--device', 'cpu', '--amp', chosen)
+def test_the_default_precision_keeps_the_name_and_the_other_one_changes_it():
+    chosen = resolve_amp('auto', 'cpu')  # what the default, --amp auto, runs on this CPU (bf16 where it computes it)
+    other = {'bf16': 'none', 'none': 'bf16'}[chosen]
+    assert train.parse_args([*QUICK_START, '--device', 'cpu']).amp == chosen  # as stored
+    assert name('--device', 'cpu', '--amp', chosen) == name('--device', 'cpu') == name()
+    assert name('--device', 'cpu', '--amp', other) != name()
+    # the default run keeps the name it had when fp32 was the default, the one the README gives
+    assert train.parse_args([*QUICK_START, '--device', 'cpu'], amp_default='none').run_name == name() == \
+        'synthetic_resnet18_positive_proxy_512_10_43a97a_seed0'
 
 
 @pytest.mark.parametrize('flags', [['--num_workers', '0'], ['--output_dir', 'elsewhere'], ['--data_path', 'd2'],

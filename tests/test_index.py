@@ -11,7 +11,7 @@ import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
 from conftest import BENCH_EXTRA, require
 from model import Model
-from utils import load_torch_file
+from utils import AMP_DTYPES, load_torch_file, resolve_amp
 from test_query import GREY, close_to, draw_image, frame_colour, results_by_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +33,9 @@ def make_photos(folder, n=6):
 
 
 def as_test_py_embeds(model, paths):
-    """Embeddings as test.py makes them by default (--amp none: fp32)."""
-    return gallery_tool.embed_queries(model, paths, progress=False)
+    """Embeddings as test.py makes them of photos by default on the CPU (--amp auto: bf16 where it
+    computes bf16)."""
+    return gallery_tool.embed_queries(model, paths, progress=False, amp_dtype=AMP_DTYPES[resolve_amp('auto', 'cpu')])
 
 
 def index_files(network, index_file, folder, **kwargs):

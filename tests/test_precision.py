@@ -1,6 +1,7 @@
 """Precision and layout as a user meets them: --amp auto runs bf16 where the hardware computes it,
 bf16 embeddings rank the synthetic test classes as fp32 ones do, channels-last changes nothing but the speed,
-and a run begun before --amp auto was the default is continued by its own command as it began."""
+and a run begun before --amp auto was the default is continued by its own command as it began, never
+written over by a fresh one."""
 import json
 import os
 
@@ -12,7 +13,7 @@ import data_utils
 import train
 from model import Model, backbone_spec, embed, embed_images, preferred_memory_format
 from test_scale_out import first_batches, train_args
-from utils import AMP_DTYPES, RetrievalData, computes_bf16, evaluate, resolve_amp
+from utils import AMP_DTYPES, RetrievalData, computes_bf16, evaluate, precision_label, resolve_amp
 
 CPU = torch.device('cpu')
 
@@ -34,14 +35,17 @@ def test_amp_auto_is_bf16_on_exactly_the_cpus_with_bf16_instructions():
         resolve_amp('fp16', 'cpu')
 
 
-def test_amp_auto_trains_lite0_in_fp32_on_a_cpu_where_bf16_does_not_pay_for_it():
-    has_bf16 = computes_bf16('cpu')
-    chosen = {backbone: train.parse_args(['--backbone_type', backbone, '--device', 'cpu', '--amp', 'auto']).amp
-              for backbone in ('resnet50', 'efficientnet_lite0')}
-    assert chosen == {'resnet50': 'bf16' if has_bf16 else 'none', 'efficientnet_lite0': 'none'}
-    # and that fp32 run has the name of Lite0's default run
-    assert train.parse_args(['--backbone_type', 'efficientnet_lite0', '--amp', 'auto']).run_name == \
-        'car_efficientnet_lite0_positive_proxy_512_20_seed0'
+def test_amp_auto_trains_lite0_in_bf16_from_its_native_size_on_and_in_fp32_below_it():
+    bf16 = 'bf16' if computes_bf16('cpu') else 'none'
+
+    def chosen(backbone, image_size, amp_default='auto'):
+        return train.parse_args(['--backbone_type', backbone, '--image_size', str(image_size), '--device', 'cpu'],
+                                amp_default=amp_default)
+    assert [chosen('resnet50', size).amp for size in (96, 224)] == [bf16, bf16]
+    assert [chosen('efficientnet_lite0', size).amp for size in (96, 160, 224)] == ['none', 'none', bf16]
+    # a default run keeps the name it had when fp32 was the default, at every size
+    assert chosen('efficientnet_lite0', 224).run_name == 'car_efficientnet_lite0_positive_proxy_512_20_seed0'
+    assert chosen('efficientnet_lite0', 96).run_name == chosen('efficientnet_lite0', 96, amp_default='none').run_name
 
 
 def test_cnns_run_channels_last_on_the_cpu_with_the_embeddings_of_the_contiguous_layout():
@@ -104,3 +108,22 @@ def test_a_run_from_before_amp_auto_is_continued_by_its_command_in_its_precision
     assert pd.read_csv(tmp_path / f'{before.run_name}_statistics.csv')['epoch'].tolist() == [0, 1, 2]
     with open(tmp_path / f'{before.run_name}_args.json') as f:
         assert json.load(f)['amp'] == before.amp  # and stored in the run's arguments
+
+
+def test_a_fresh_run_does_not_write_over_a_run_of_its_name_trained_in_another_precision(small_synthetic, tmp_path,
+                                                                                        capsys):
+    argv = train_args(small_synthetic, tmp_path, '--num_epochs', '1')
+    today, name = train.parse_args(argv).amp, train.parse_args(argv).run_name
+    # the run as the other default wrote it: on a CPU with bf16, fp32, as before --amp auto was the default
+    other = {'bf16': 'none', 'none': 'bf16'}[today]
+    train.main(argv, amp_default=other)
+    assert train.parse_args(argv, amp_default=other).run_name == name  # the same name, the other precision
+    files = {file: (tmp_path / file).read_bytes() for file in os.listdir(tmp_path)}
+
+    with pytest.raises(ValueError, match=f'hold a run trained in {precision_label(other)}, and this one trains in '
+                                         f'{precision_label(today)}: continue that run with --resume auto'):
+        train.main(argv)
+    assert {file: (tmp_path / file).read_bytes() for file in os.listdir(tmp_path)} == files  # nothing written
+    capsys.readouterr()
+    train.main([*argv, '--resume', 'auto'])  # as the message says: it continues in its own precision
+    assert f'began in {precision_label(other)} and continues so' in capsys.readouterr().out

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
 from model import Model
+from utils import AMP_DTYPES, resolve_amp
 
 GREEN, RED, GREY = query_tool.GREEN, query_tool.RED, query_tool.GREY
 
@@ -114,6 +115,16 @@ def draw_image(path, colour, size=(90, 60)):
     return path
 
 
+def test_queries_are_embedded_in_the_precision_of_the_gallery_they_search():
+    def dtype(flags, gallery_amp=None):
+        return query_tool.embedding_dtype(query_tool.parse_args(['--data_base', 'run_data_base.pth', '--query_img_name',
+                                                                 'q.jpg', '--device', 'cpu', *flags]), gallery_amp)
+    # by default: a run's database as train.py embedded it, whatever this CPU computes fastest
+    assert dtype([], 'none') is None and dtype([], 'bf16') == torch.bfloat16
+    assert dtype([]) == AMP_DTYPES[resolve_amp('auto', 'cpu')]  # photos of --gallery: bf16 where the CPU computes it
+    assert dtype(['--amp', 'none'], 'bf16') is None and dtype(['--amp', 'bf16'], 'none') == torch.bfloat16  # as asked
+
+
 @pytest.mark.slow
 def test_a_copy_of_a_database_image_retrieves_what_the_image_itself_does(database_file, model_file, tmp_path):
     database = torch.load(database_file, weights_only=True)
@@ -121,10 +132,12 @@ def test_a_copy_of_a_database_image_retrieves_what_the_image_itself_does(databas
     copy = tmp_path / 'elsewhere' / 'copy.jpg'
     copy.parent.mkdir()
     shutil.copy(original, copy)
-    # the saved model embeds it as train.py embedded the test set: its stored embedding again
+    # the saved model embeds it as train.py embedded the test set, in the run's precision: its stored
+    # embedding again (in bf16 to about 1e-4: train.py embedded it in a batch of 64, this alone)
     model = query_tool.load_model(model_file, database, database_file, 'cpu')
-    assert torch.allclose(gallery_tool.embed_queries(model, [str(copy)])[0],
-                          database['test_embeddings'][137], atol=1e-5)
+    amp = database['args']['amp']
+    assert torch.allclose(gallery_tool.embed_queries(model, [str(copy)], amp_dtype=AMP_DTYPES[amp])[0],
+                          database['test_embeddings'][137], atol=1e-5 if amp == 'none' else 1e-3)
 
     run_query(database_file, [original], tmp_path / 'out', 5)
     run_query(database_file, [copy], tmp_path / 'out', 6)
@@ -139,6 +152,10 @@ def test_a_copy_of_a_database_image_retrieves_what_the_image_itself_does(databas
         assert np.abs(inside_frame(seen) - inside_frame(expected)).mean() < 2  # JPEG noise only
     # no ground truth: every frame neutral
     assert all(close_to(frame_colour(path), GREY) for path, _ in outside)
+    # --amp none embeds the query in fp32, whatever the database's precision: the same image first
+    run_query(database_file, [copy], tmp_path / 'fp32', 1, '--amp', 'none')
+    [(found, similarity)] = results_by_rank(tmp_path / 'fp32' / 'elsewhere_copy')
+    assert np.abs(inside_frame(found) - inside_frame(outside[0][0])).mean() < 2 and similarity > 0.999
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import torch
 
 import data_utils
 import train
-from model import Model
-from utils import ImageDataset, build_transforms, evaluate
+from model import Model, embed_images
+from utils import AMP_DTYPES, ImageDataset, build_transforms, evaluate
 
 
 @pytest.mark.slow
@@ -18,7 +18,8 @@ def test_training_lifts_heldout_recall_clearly_above_epoch_0(trained_run):
     assert statistics['epoch'].tolist() == [0, 1, 2, 3, 4, 5]
     r1 = statistics['recall@1']
     assert r1.iloc[0] < 0.5  # the untrained network is far from perfect...
-    assert r1.iloc[-1] > r1.iloc[0] + 0.10  # ...and training on other classes transfers
+    # ...and training on other classes transfers: by over 5 standard errors of R@1 on 1,000 queries
+    assert r1.iloc[-1] > r1.iloc[0] + 5 * (r1.iloc[0] * (1 - r1.iloc[0]) / 1000) ** 0.5
     assert statistics['loss'].iloc[-1] < statistics['loss'].iloc[1]
 
 
@@ -44,11 +45,12 @@ def test_run_writes_csv_figure_args_model_and_database(trained_run):
 def test_saved_model_rebuilds_and_reproduces_the_database_embeddings(trained_run):
     model = Model.from_file(f"{trained_run['prefix']}_model.pth")
     database = torch.load(f"{trained_run['prefix']}_data_base.pth", weights_only=True)
-    _, test_transform = build_transforms(model.backbone_spec, model.run_args['image_size'])
-    dataset = ImageDataset(database['test_images'][:8], database['test_labels'][:8], test_transform)
-    with torch.no_grad():
-        embeddings = model(torch.stack([dataset[i][0] for i in range(8)]))
-    torch.testing.assert_close(embeddings, database['test_embeddings'][:8], atol=1e-5, rtol=1e-4)
+    # embedded as train.py embeds: its precision, and its batches (in bf16 an image's embedding
+    # moves by about 1e-4 with the batch it is computed in)
+    run = model.run_args
+    embeddings = embed_images(model, database['test_images'][:run['batch_size']], run['image_size'], run['batch_size'],
+                              progress=False, amp_dtype=AMP_DTYPES[run['amp']])
+    torch.testing.assert_close(embeddings, database['test_embeddings'][:run['batch_size']], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
