@@ -154,7 +154,8 @@ def computes_bf16(device):
 
 
 def add_amp_argument(parser, auto='bf16 where the device computes bf16 in hardware (CPUs with AVX-512 BF16 or AMX, '
-                                   'recent GPUs) and the backbone trains faster in it, fp32 elsewhere; the loss stays fp32'):
+                                   'recent GPUs) and the backbone trains faster in it at this --image_size, fp32 elsewhere; '
+                                   'the loss stays fp32'):
     """The --amp flag of every script that runs the network, `auto` saying what the default does
     there; resolve it after --device with resolve_amp."""
     parser.add_argument('--amp', default='auto', choices=['auto', *AMP_DTYPES],
