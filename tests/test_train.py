@@ -9,7 +9,7 @@ import torch
 import data_utils
 import train
 from model import Model, embed_images
-from utils import AMP_DTYPES, ImageDataset, build_transforms, evaluate
+from utils import AMP_DTYPES, evaluate
 
 
 @pytest.mark.slow
