@@ -2,6 +2,7 @@
 Clothes, the synthetic default, and your own data set (any other name).
 
     python data_utils.py --data_path data --data_name all [--crop] [--max_size N]
+    python data_utils.py --data_path data --data_name cub --download   # fetches and extracts it first
     python data_utils.py --data_path data --data_name my_photos [--test_fraction F]
 
 writes DIR/<name>/uncropped_data_dicts.pth (or cropped_data_dicts.pth; with --max_size N,
@@ -19,6 +20,7 @@ synthetic set can be cropped (--crop).
 """
 import argparse
 import csv
+import difflib
 import functools
 import itertools
 import math
@@ -26,7 +28,10 @@ import os
 import random
 import re
 import shlex
+import shutil
+import tarfile
 import warnings
+import zlib
 
 import numpy as np
 import scipy.io
@@ -34,7 +39,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import IMAGE_EXTENSIONS, Range, atomic_path, load_torch_file, read_rgb, run_script
+from utils import (IMAGE_EXTENSIONS, DownloadError, HelpFormatter, Range, atomic_path, check_digest, download,
+                   load_torch_file, read_rgb, run_script, url_file_name)
 
 # -----------------------------------------------------------------------------
 # reading prepared splits
@@ -48,15 +54,28 @@ def split_path(data_path, data_name, crop=False, max_size=None):
     return os.path.join(data_path, data_name, f'{variant}_data_dicts.pth')
 
 
+def known_data_names(data_path, data_name):
+    """What a --data_name could have been: the built-in names, the folders of --data_path, and the
+    closest of them (a typo such as 'synthtic' is the likely mistake)."""
+    folders = sub_folders(data_path) if os.path.isdir(data_path) else []
+    close = difflib.get_close_matches(data_name, dict.fromkeys([*PREPARERS, *folders]), n=1)
+    return (f'built-in data sets: {", ".join(PREPARERS)}; folders in {data_path}/: {", ".join(folders) or "none"}'
+            + (f'; did you mean {close[0]}?' if close else ''))
+
+
 def load_splits(data_path, data_name, crop=False, max_size=None):
     """Return {split: {class_name: [image path]}} with paths usable from the cwd.
 
     The splits are whatever the preparer saved: 'train' and 'test', or for In-shop
     'train', 'query' and 'gallery'.
     """
+    check_data_name(data_name)
     path = split_path(data_path, data_name, crop, max_size)
     if data_name == 'synthetic' and not os.path.exists(path):
         prepare_synthetic(data_path, crop, max_size=max_size)  # the embedded default needs no download
+    if data_name not in PREPARERS and not os.path.isdir(os.path.join(data_path, data_name)):
+        raise FileNotFoundError(f'--data_name {data_name}: no such data set, neither built in nor a folder '
+                                f'{os.path.join(data_path, data_name)}; {known_data_names(data_path, data_name)}')
     if not os.path.exists(path):
         command = (f'python data_utils.py --data_path {shlex.quote(str(data_path))} --data_name {shlex.quote(data_name)}'
                    + (' --crop' if crop else '') + (f' --max_size {max_size}' if max_size else ''))
@@ -529,9 +548,13 @@ def csv_rows(root, path):
     return rows
 
 
-def random_test_classes(classes, test_fraction, seed):
+def random_test_classes(classes, test_fraction, seed, source):
     """round(test_fraction x classes) of the classes, drawn at random from `seed`: class names say
     nothing of how alike classes are ("blue ..." and "red ..." would otherwise split by colour)."""
+    if len(classes) < 2:  # whatever the fraction: no class can be both trained on and unseen
+        raise ValueError(f'{source}: one class only ({", ".join(map(repr, sorted(classes)))}); the classes are '
+                         'split into classes to train on and unseen classes to test with, so at least two are '
+                         'needed')
     fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
     held_out = held_out_count(len(classes), fraction, '--test_fraction', 'classes')
     return set(random.Random(seed).sample(sorted(classes), held_out))
@@ -543,7 +566,7 @@ def assign_splits(rows, source, test_fraction, seed=0):
     published halves). Returns (rows, split names)."""
     present = {row[2] for row in rows}
     if present == {None}:
-        test = random_test_classes({row[1] for row in rows}, test_fraction, seed)
+        test = random_test_classes({row[1] for row in rows}, test_fraction, seed, source)
         return [(path, name, 'test' if name in test else 'train', where) for path, name, _, where in rows], \
             ('train', 'test')
     if test_fraction is not None:
@@ -598,8 +621,8 @@ def prepare_own(data_path, data_name, crop=False, max_size=None, test_fraction=N
     refuse_crop(data_name, crop, 'your own data set has no bounding boxes')
     root = os.path.join(data_path, data_name)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f'{root} not found; expected your own data set there: {OWN_LAYOUT} '
-                                f'(or one of the built-in data sets: {", ".join(PREPARERS)})')
+        raise FileNotFoundError(f'{root} not found; expected your own data set there: {OWN_LAYOUT}; '
+                                f'{known_data_names(data_path, data_name)}')
     listing = os.path.join(root, 'images.csv')
     rows = csv_rows(root, listing) if os.path.isfile(listing) else folder_rows(root)
     rows, split_names = assign_splits(rows, listing if os.path.isfile(listing) else root, test_fraction, seed)
@@ -728,6 +751,78 @@ def prepare_synthetic(data_path, crop=False, num_classes=100, images_per_class=2
                         crop=crop, max_size=max_size)
 
 # -----------------------------------------------------------------------------
+# downloading a release (--download)
+
+# The releases with a fixed official address and a published checksum: (archive URL, its MD5, the
+# folder it extracts to, a file that folder holds). The others are fetched by hand: docs/data.md.
+DOWNLOADS = {
+    'cub': ('https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz', '97eceeb196236b17998738112f37df78',
+            'CUB_200_2011', 'images.txt'),
+}
+NOT_DOWNLOADED = {'synthetic': 'is generated, not downloaded: drop --download',
+                  'all': 'is several data sets: name the one to download'}
+
+
+def release_present(data_path, name):
+    """Whether DIR/<name>/ holds the extracted release, moved up out of its folder or not."""
+    _, _, folder, marker = DOWNLOADS[name]
+    root = os.path.join(data_path, name)
+    return os.path.exists(os.path.join(release_base(root, folder, marker), marker))
+
+
+def extract_release(archive, root, folder):
+    """Extract the archive's `folder` to root/folder/ all at once: into a temporary sibling of root,
+    then renamed, so that a failure leaves no half-extracted folder where the preparer reads."""
+    final = os.path.join(root, folder)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(root)), f'.tmp-{os.getpid()}-{os.path.basename(root)}')
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter='data')  # no member lands outside tmp, none is a device or a link out
+        if not os.path.isdir(os.path.join(tmp, folder)):
+            raise ValueError(f'{archive}: holds no {folder}/ folder; is it the release?')
+        os.makedirs(root, exist_ok=True)
+        os.replace(os.path.join(tmp, folder), final)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # a corrupt archive, a full disk
+        raise ValueError(f'{archive}: extraction failed ({type(e).__name__}: {e}); nothing was written '
+                         f'to {final}') from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download_release(data_path, name, url=None, md5=None):
+    """Fetch the official archive of `name` (or `url`, a mirror, with `md5`), check its MD5 and
+    extract it into DIR/<name>/, unless the release is there already. A cut download is kept and
+    resumed by the next call; the archive is deleted once extracted."""
+    if name not in DOWNLOADS:
+        raise ValueError(f'--download fetches {", ".join(DOWNLOADS)}; {name} ' + NOT_DOWNLOADED.get(
+            name, 'has no fixed official address and checksum: docs/data.md says where to get it and how to '
+                  'lay it out in ' + os.path.join(data_path, name)))
+    official_url, official_md5, folder, marker = DOWNLOADS[name]
+    url, md5 = url or official_url, md5 or official_md5
+    root = os.path.join(data_path, name)
+    if release_present(data_path, name):
+        print(f'{name}: the release is in {root} already; nothing downloaded')
+        return
+    if os.path.exists(os.path.join(root, folder)):  # os.replace cannot put the new folder there
+        raise ValueError(f'{os.path.join(root, folder)} exists without its {marker}: move it away and run again')
+    archive = os.path.join(data_path, url_file_name(url) or f'{name}.tgz')
+    if os.path.exists(archive):  # fetched by an earlier call, or by hand
+        try:
+            check_digest(archive, 'md5', md5)
+        except ValueError as e:
+            raise ValueError(f'{e}: not the {name} release; delete it to download it again') from None
+    else:
+        print(f'{name}: downloading {url} to {archive}')
+        try:
+            download(url, archive, md5=md5, resume=True)  # a wrong MD5 deletes it, saying so
+        except DownloadError as e:
+            raise FileNotFoundError(f'{name} not downloaded ({e}); run the command again to resume, or download '
+                                    f'{url} by hand and extract it into {root}/') from None
+    extract_release(archive, root, folder)
+    os.remove(archive)  # its contents are in root now, as large again
+    print(f'{name}: extracted into {os.path.join(root, folder)}')
+
+# -----------------------------------------------------------------------------
 # command line
 
 # Each preparer reads DIR/<name>/ and writes split_path(DIR, name, crop, max_size); new datasets go here.
@@ -760,7 +855,8 @@ def preparer(name, test_fraction, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Write the class splits of a retrieval dataset.')
+    parser = argparse.ArgumentParser(description='Write the class splits of a retrieval dataset.',
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--data_path', default='data', help='folder holding one sub-folder per dataset')
     parser.add_argument('--data_name', required=True,
                         help='car (Cars196), cub (CUB-200-2011), inshop (In-shop Clothes) or sop (Stanford '
@@ -780,11 +876,23 @@ def main(argv=None):
                              f'are the test classes, the others train (default {DEFAULT_TEST_FRACTION})')
     parser.add_argument('--seed', type=Range(int, 0), default=0,
                         help='draws the synthetic set, and the random class split of your own data set')
+    fetch = parser.add_argument_group('downloading (--data_name cub)')
+    fetch.add_argument('--download', action='store_true',
+                       help=f'first fetch the official archive of the data set ({", ".join(DOWNLOADS)} only), '
+                            'check its MD5 and extract it into DATA_PATH/<name>/, unless it is there; a cut '
+                            'download is resumed by the next call')
+    fetch.add_argument('--download_url', metavar='URL', help='with --download: fetch the archive from a mirror instead')
+    fetch.add_argument('--download_md5', metavar='HEX',
+                       help="with --download: the archive's MD5, instead of the official one")
     synthetic = parser.add_argument_group('synthetic set (--data_name synthetic)')
     synthetic.add_argument('--num_classes', type=Range(int, 2), default=100, help='half train, half unseen test classes')
     synthetic.add_argument('--images_per_class', type=Range(int, 2), default=20)
     synthetic.add_argument('--image_size', type=Range(int, 1), default=64)
     args = parser.parse_args(argv)
+    if (args.download_url or args.download_md5) and not args.download:
+        parser.error('--download_url and --download_md5 go with --download')
+    if args.download:
+        download_release(args.data_path, args.data_name, args.download_url, args.download_md5)
     synthetic_options = dict(num_classes=args.num_classes, images_per_class=args.images_per_class,
                              image_size=args.image_size, seed=args.seed)
     names = list(PREPARERS) if args.data_name == 'all' else [args.data_name]

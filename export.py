@@ -14,7 +14,7 @@ import torch
 import torchvision.transforms as T
 
 from model import Model
-from utils import ToBGR255, atomic_path, build_transforms, run_script
+from utils import HelpFormatter, ToBGR255, atomic_path, build_transforms, run_script
 
 EXPORT_REQUIREMENTS = 'requirements-export.txt'
 EXPORT_TOLERANCE = 1e-4  # largest |onnxruntime - PyTorch| per embedding coordinate
@@ -99,7 +99,8 @@ def export(model_path, export_format, out=None):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="A run's embedding network for other runtimes (onnx: "
-                                                 f'pip install -r {EXPORT_REQUIREMENTS}).')
+                                                 f'pip install -r {EXPORT_REQUIREMENTS}).',
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--model', required=True, help='{run}_model.pth written by train.py')
     parser.add_argument('--format', default='onnx', choices=list(EXPORT_FORMATS))
     parser.add_argument('--out', help='default: {run}_model.onnx beside the model', metavar='PATH')

@@ -33,6 +33,7 @@ class Gallery(NamedTuple):
     labels: list | None  # index into classes; None for an index: photos have no classes
     classes: list | None
     name: str  # the flag and file it comes from, for messages
+    model: str | None = None  # the run whose network embedded it, for the sheet's title
 
 # -----------------------------------------------------------------------------
 # images to embeddings: the queries from outside the gallery, and the photos of an index
@@ -222,7 +223,7 @@ def update_index(path, folders, model, identity, embed_files=functools.partial(e
 
 
 def index_gallery(index, path):
-    return Gallery(index['paths'], index['embeddings'], None, None, f'--index {path}')
+    return Gallery(index['paths'], index['embeddings'], None, None, f'--index {path}', index['model']['run'])
 
 # -----------------------------------------------------------------------------
 # search

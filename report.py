@@ -3,7 +3,7 @@
     python report.py plot results/*_statistics.csv [--out PREFIX] [--mean_over_seeds]
     python report.py table results/*_statistics.csv [--out FILE] [--args lr,scale] [--epoch N]
     python report.py map results/{run}_data_base.pth [--out FILE]
-    python report.py structure [--out results/structure.png]
+    python report.py structure [--out docs/images/structure.png]
 
 The figures that train.py also draws after a run (utils.plot_runs, utils.plot_embedding_map) are
 utils.py's; here are what only reports need: the statistics CSVs read back, the tables, and the
@@ -22,8 +22,8 @@ from matplotlib.patches import FancyBboxPatch
 
 from data_utils import render  # the synthetic set's drawing: the pipeline's example image
 from loss import GRADIENT_MASKS, GRADIENT_RULES, build_loss
-from utils import (RUN_COLUMNS, Range, atomic_path, group_runs, load_database, metric_columns, metric_label,
-                   plot_embedding_map, plot_runs, pyplot, run_label, run_prefix, run_script, save_figure)
+from utils import (RUN_COLUMNS, HelpFormatter, Range, atomic_path, group_runs, load_database, metric_columns,
+                   metric_label, plot_embedding_map, plot_runs, pyplot, run_label, run_prefix, run_script, save_figure)
 
 # -----------------------------------------------------------------------------
 # statistics files: the {run}_statistics.csv that train.py writes, read back
@@ -337,16 +337,20 @@ def structure_command(args):
 
 def parse_args(argv=None):
     """The sub-command's arguments; args.command_function runs it."""
-    parser = argparse.ArgumentParser(description="Figures and tables of train.py's runs, and the method figure.")
+    parser = argparse.ArgumentParser(description="Figures and tables of train.py's runs, and the method figure.",
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
-    plot = commands.add_parser('plot', help='loss, proxy accuracy and every metric per epoch; several runs, one figure')
+
+    def add_command(name, **kwargs):  # each sub-command's --help with its defaults too
+        return commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    plot = add_command('plot', help='loss, proxy accuracy and every metric per epoch; several runs, one figure')
     plot.add_argument('statistics', nargs='+', help='{run}_statistics.csv files; runs are named after them')
     plot.add_argument('--out', help='writes PREFIX.png and PREFIX.pdf (default: comparison beside the first CSV)',
                       metavar='PREFIX')
     plot.add_argument('--mean_over_seeds', action='store_true',
                       help='one curve per group of runs that differ only in seed (_seed{N}): the mean per epoch, '
                            'with a band of ± one standard deviation')
-    table = commands.add_parser('table', help='Markdown table of the best-epoch and final-epoch test metrics, '
+    table = add_command('table', help='Markdown table of the best-epoch and final-epoch test metrics, '
                                               'and their mean ± std over runs that differ only in seed')
     table.add_argument('statistics', nargs='+', help='{run}_statistics.csv files; runs are named after them')
     table.add_argument('--out', help='write the table to FILE instead of printing it', metavar='FILE')
@@ -354,13 +358,13 @@ def parse_args(argv=None):
                                       "run's {run}_args.json, e.g. lr,scale", metavar='NAMES')
     table.add_argument('--epoch', type=Range(int, 0), help='every metric at epoch N instead of best / final '
                                                  '(0: the network before training)', metavar='N')
-    embedding_map = commands.add_parser('map', help="t-SNE map of a run's test embeddings, coloured by class")
+    embedding_map = add_command('map', help="t-SNE map of a run's test embeddings, coloured by class")
     embedding_map.add_argument('data_base', help='{run}_data_base.pth written by train.py')
     embedding_map.add_argument('--out', help='PNG path (a PDF goes beside it); default: {run}_embedding_map.png '
                                              'beside the database', metavar='FILE')
-    structure = commands.add_parser('structure', help='the method figure: network, proxies, and which gradients '
+    structure = add_command('structure', help='the method figure: network, proxies, and which gradients '
                                                        'reach embeddings and proxies under each loss')
-    structure.add_argument('--out', default=os.path.join('results', 'structure.png'),
+    structure.add_argument('--out', default=os.path.join('docs', 'images', 'structure.png'),
                            help='PNG path (a PDF goes beside it); default: %(default)s', metavar='FILE')
     for command, function in zip((plot, table, embedding_map, structure),
                                  (plot_command, table_command, map_command, structure_command)):

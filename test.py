@@ -9,9 +9,11 @@ set; it has no class, so its results are framed grey.
     python test.py --data_base results/car_resnet50_positive_proxy_512_20_seed0_data_base.pth \
                    --query_img_name data/car/car_ims/008055.jpg my_car.jpg my_photos/ --retrieval_num 8
 
-Each query gets {output_dir}/{folder}_{image}/ with query_img.jpg, retrieval_img_{rank}_{similarity}.jpg,
-grid.png and its page, index.html; several queries also get {output_dir}/retrieval_summary.png, one row
-per query, and {output_dir}/index.html links every query page in the folder, earlier runs' too.
+The queries of a database go to a folder of its own, --output_dir, by default
+results/{run}_queries/ for results/{run}_data_base.pth. Each query gets {output_dir}/{folder}_{image}/
+with query_img.jpg, retrieval_img_{rank}_{similarity}.jpg, grid.png and its page, index.html; several
+queries also get {output_dir}/retrieval_summary.png, one row per query under a title and a legend, and
+{output_dir}/index.html links every query page in the folder, earlier runs' too.
 --random_queries N draws N gallery images as queries, with --seed, to show typical results.
 
 Any folders of photos become the gallery through an index file, built with a run's saved model and
@@ -41,8 +43,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from gallery import (EMBEDDING_ARGS, SEARCHES, Gallery, Query, default_index_path, describe_model, embed_queries,
                      index_gallery, index_ivf, load_index, model_identity, search, update_index, why_unreadable)
 from model import Model
-from utils import (AMP_DTYPES, IMAGE_EXTENSIONS, Range, add_amp_argument, add_device_argument, atomic_path,
-                   database_split, load_database, read_rgb, resolve_amp, resolve_device, run_script, stored_run_name)
+from utils import (AMP_DTYPES, IMAGE_EXTENSIONS, HelpFormatter, Range, add_amp_argument, add_device_argument,
+                   atomic_path, database_split, load_database, queries_folder, read_rgb, resolve_amp, resolve_device,
+                   run_script, stored_run_name)
 
 GREEN, RED, GREY = (0, 160, 0), (210, 0, 0), (150, 150, 150)
 COLOUR_NAMES = {GREEN: 'green', RED: 'red', GREY: 'grey'}  # the page's names of the frames
@@ -50,16 +53,18 @@ GRID_TILE, SUMMARY_TILE = 240, 120  # pixels of a framed image: the grid is for 
 # 1 - cosine grows with the square of an embedding's error: 0.9999 allows about 1.4 % of it, far above
 # float noise across devices and batch sizes; the weights of another run or epoch move it further
 MIN_REPRODUCED_COSINE = 0.9999
-DEFAULT_QUERY = 'data/car/car_ims/008055.jpg'
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Retrieve the gallery images most similar to query images.')
+    parser = argparse.ArgumentParser(description='Retrieve the gallery images most similar to query images: '
+                                                 'those of a --data_base, or of photo folders (--gallery, --index).',
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--query_img_name', nargs='+', default=None,
                         help='query images, or folders of them: images of the gallery or any others '
-                             f'(default: {DEFAULT_QUERY}; with --gallery or --index: none, only index)')
-    parser.add_argument('--data_base', default='results/car_resnet50_positive_proxy_512_20_seed0_data_base.pth',
-                        help='feature database written by train.py')
+                             '(with --data_base, this or --random_queries is needed; with --gallery: none, only index)')
+    parser.add_argument('--data_base', default=None,
+                        help='the _data_base.pth that train.py wrote (its last lines name it); required unless '
+                             '--gallery or --index is given')
     parser.add_argument('--model', default=None,
                         help='the model file of the run that wrote the database, to embed queries from outside it '
                              "(default: {output_dir}/{run name}_model.pth from the database's arguments); "
@@ -82,7 +87,9 @@ def parse_args(argv=None):
     add_device_argument(parser)
     add_amp_argument(parser, auto='queries against a --data_base in the precision train.py embedded its gallery in, '
                                   'the photos of --gallery in bf16 where the device computes bf16 in hardware')
-    parser.add_argument('--output_dir', default='results')
+    parser.add_argument('--output_dir', default=None,
+                        help='where the query folders, the sheet of all queries and the contents page go '
+                             '(default: results/{database or index name}_queries/, a folder for each)')
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
     try:
@@ -90,20 +97,28 @@ def parse_args(argv=None):
     except ValueError as e:
         parser.error(str(e))
     indexing = args.gallery is not None or args.index is not None
+    if indexing == (args.data_base is not None):
+        parser.error('--data_base and --gallery/--index are two galleries: search one at a time' if indexing else
+                     '--data_base is required: the _data_base.pth that train.py wrote (its last lines name it); '
+                     'or search photo folders with --gallery FOLDER --model PATH, or an index with --index PATH')
+    if not indexing and args.query_img_name is None and args.random_queries is None:
+        parser.error(f'--data_base {args.data_base}: name the queries, --query_img_name IMAGE_OR_FOLDER or '
+                     '--random_queries N')
     if args.gallery is not None and args.model is None:
         parser.error('--gallery needs --model, the _model.pth of the run whose network embeds the photos')
     if args.search != 'exact' and not indexing:
         parser.error(f'--search {args.search} searches a gallery index: use it with --gallery or --index')
     if args.index is None and args.gallery is not None:
         args.index = default_index_path(args.model)
-    if args.query_img_name is None:
-        args.query_img_name = [] if indexing or args.random_queries else [DEFAULT_QUERY]
+    args.query_img_name = args.query_img_name or []
+    args.output_dir = args.output_dir or queries_folder(args.index if indexing else args.data_base)
     return args
 
 
 def database_gallery(database, path):
+    run = database.get('args')
     return Gallery(database['test_images'], database['test_embeddings'], database['test_labels'],
-                   database['test_classes'], f'--data_base {path}')
+                   database['test_classes'], f'--data_base {path}', stored_run_name(run) if run else None)
 
 
 def stored_queries(database):
@@ -282,6 +297,45 @@ def draw_sheet(rows, tile):
                 draw.text((left + cell_width // 2, top + pad + tile + pad // 2 + i * line), text,
                           fill='black', font=font, anchor='mt')
     return sheet
+
+
+# what a result's frame says, in the order the sheet's legend gives them
+FRAME_MEANINGS = {GREEN: "the query's class", RED: 'another class', GREY: 'no class to compare with'}
+
+
+def summary_sheet(rows, gallery):
+    """The sheet of every query, a row each (draw_sheet), under a title (the number of queries, the
+    gallery, the run whose network embedded it) and a legend of the frames that appear on it."""
+    sheet = draw_sheet(rows, SUMMARY_TILE)
+    font = ImageFont.load_default(size=max(10, SUMMARY_TILE // 10))
+    line, pad = round(1.3 * font.size), max(4, SUMMARY_TILE // 16)
+    title = f'{plural(len(rows), "query", "queries")} in {gallery.name}'
+    title += f', model {gallery.model}' if gallery.model else ''
+    lines = wrap(title, font, sheet.width - 2 * pad, max_lines=3)
+    shown = {tile.colour for row in rows for tile in row[1:]}
+    legend = [('the query, then its nearest images, best first:', None)]
+    legend += [(f'{COLOUR_NAMES[colour]}: {meaning}', colour) for colour, meaning in FRAME_MEANINGS.items()
+               if colour in shown]
+    # the legend flows left to right, onto another line where the sheet is too narrow
+    swatch, placed, x, y = font.size, [], pad, pad + len(lines) * line
+    for text, colour in legend:
+        width = (swatch + pad // 2 if colour else 0) + font.getlength(text)
+        if x > pad and x + width > sheet.width - pad:
+            x, y = pad, y + line
+        placed.append((x, y, text, colour))
+        x += width + 2 * pad
+    header = y + line + pad
+    framed_sheet = Image.new('RGB', (sheet.width, header + sheet.height), 'white')
+    framed_sheet.paste(sheet, (0, header))
+    draw = ImageDraw.Draw(framed_sheet)
+    for i, text in enumerate(lines):
+        draw.text((pad, pad + i * line), text, fill='black', font=font)
+    for x, y, text, colour in placed:
+        if colour:
+            draw.rectangle((x, y + 1, x + swatch - 1, y + swatch), outline=colour, width=max(2, swatch // 4))
+            x += swatch + pad // 2
+        draw.text((x, y), text, fill='black', font=font)
+    return framed_sheet
 
 
 def save_png(image, path):
@@ -517,7 +571,7 @@ def main(argv=None):
         print(f'{path}: {said}; written to {folder}/ (grid.png, {os.path.basename(page)})')
     if len(rows) > 1:
         summary = os.path.join(args.output_dir, 'retrieval_summary.png')
-        save_png(draw_sheet(rows, SUMMARY_TILE), summary)
+        save_png(summary_sheet(rows, gallery), summary)
         print(f'{len(rows)} queries side by side: {summary}')
     print(f'every query page of {args.output_dir}, on one page: {write_contents_page(args.output_dir)}')
 

@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from data_utils import PREPARERS, load_splits, validation_splits
 from loss import LOSSES, build_loss, loss_recipe
-from model import BACKBONES, POOLINGS, Model, backbone_spec, embed, preferred_memory_format, recipe, weights_file
-from utils import (AMP_DTYPES, METRICS, ImageDataset, Range, RetrievalData, add_amp_argument, add_device_argument,
-                   atomic_path, build_database, build_transforms, evaluate, load_torch_file, plot_embedding_map,
-                   plot_statistics, precision_label, resolve_amp, resolve_device, run_defining, run_name, run_script,
-                   save_torch_file)
+from model import (BACKBONES, EMBEDDING_NORMS, POOLINGS, Model, backbone_spec, embed, preferred_memory_format, recipe,
+                   weights_file)
+from utils import (AMP_DTYPES, DIAGNOSTICS, METRICS, HelpFormatter, ImageDataset, Range, RetrievalData, add_amp_argument,
+                   add_device_argument, atomic_path, build_database, build_transforms, collapse_diagnostics, evaluate,
+                   load_torch_file, plot_embedding_map, plot_statistics, precision_label, queries_folder, resolve_amp, resolve_device,
+                   run_defining, run_name, run_script, save_torch_file)
 
 NMI_MAX_CLASSES = 1000
 CHECKPOINT_KEYS = ('model', 'loss', 'optimizer', 'scheduler', 'scaler', 'epoch', 'statistics', 'args')
@@ -44,7 +45,8 @@ def backbone_type(name):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description='Train a proxy-based embedding network for image retrieval.')
+    parser = argparse.ArgumentParser(description='Train a proxy-based embedding network for image retrieval.',
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--data_path', default='data', help='folder holding one sub-folder per dataset')
     parser.add_argument('--data_name', default='car',
                         help=f'a built-in data set ({", ".join(PREPARERS)}) or your own, '
@@ -59,20 +61,32 @@ def build_parser():
                         help=f'{", ".join(BACKBONES)}, or timm:NAME for any timm model, e.g. timm:vit_small_patch16_224.dino; '
                              f'its family (CNN or ViT) sets the defaults of the recipe flags')
     parser.add_argument('--pretrained', default='imagenet',
-                        help="'imagenet' (from the local cache or package), 'none', or a state dict PATH "
-                             "(.pth, .pt or .safetensors)")
+                        help="'imagenet' (the official file, downloaded into its library's cache when absent), "
+                             "'none', or a state dict PATH or http(s) URL (.pth, .pt or .safetensors)")
+    parser.add_argument('--offline', action='store_true',
+                        help='download no weights (as with HF_HUB_OFFLINE=1): a file not in its cache is an error')
     parser.add_argument('--pooling', default='max', choices=list(POOLINGS),
                         help="CNNs: max or avgmax; ViTs: token (their own CLS-token pooling)")
     parser.add_argument('--no_freeze_bn', dest='freeze_bn', action='store_false',
                         help='let BatchNorm statistics of a pretrained backbone train')
     parser.add_argument('--loss_name', default='positive_proxy', choices=list(LOSSES))
     parser.add_argument('--feature_dim', type=Range(int, 1), default=512)
+    parser.add_argument('--embedding_norm', default='none', choices=list(EMBEDDING_NORMS),
+                        help='what the embedding goes through before its L2 normalisation: batchnorm (without affine) '
+                             'or centre subtract the mean embedding, so that proxies trained from scratch do not '
+                             'all follow one common direction (docs/method.md)')
     parser.add_argument('--scale', type=Range(float, 0, closed=False), default=32.0,
                         help="softmax temperature: logits = scale * cosine; Proxy-Anchor's alpha")
     parser.add_argument('--batch_size', type=Range(int, 1), default=64, help='global: split evenly over the torchrun processes')
+    parser.add_argument('--samples_per_class', type=Range(int, 1), default=None, metavar='M',
+                        help='class-balanced batches: M images of each of batch_size / M classes '
+                             '(default: batches drawn at random)')
     parser.add_argument('--num_epochs', type=Range(int, 1), default=20)
     parser.add_argument('--lr', type=Range(float, 0, closed=False), default=1e-4, help='learning rate of the network')
     parser.add_argument('--proxy_lr', type=Range(float, 0, closed=False), default=1e-2, help='learning rate of the proxies')
+    parser.add_argument('--proxy_init', default='random', choices=list(PROXY_INITS),
+                        help="the proxies' start: random directions, or each class's mean embedding under the "
+                             "untrained network (one extra pass over the training set)")
     parser.add_argument('--weight_decay', type=Range(float, 0), default=1e-4)
     parser.add_argument('--lr_decay_step', type=Range(int, 1), default=10, help='epochs between learning-rate decays')
     parser.add_argument('--lr_decay_gamma', type=Range(float, 0, closed=False), default=0.5)
@@ -101,6 +115,8 @@ def checked(parser, args):
         args.recalls = [Range(int, 1)(k) for k in args.recalls.split(',')]
     except argparse.ArgumentTypeError:
         parser.error(f'--recalls expects comma-separated integers >= 1 like 1,2,4,8, got {args.recalls!r}')
+    if args.samples_per_class is not None and args.batch_size % args.samples_per_class:
+        parser.error(f'--samples_per_class {args.samples_per_class} must divide --batch_size {args.batch_size}')
     if args.metrics is not None:
         args.metrics = args.metrics.split(',')
         if not set(args.metrics) <= set(METRICS):
@@ -125,7 +141,7 @@ def parse_args(argv=None, amp_default='auto'):
     # the backbone's family (model.FAMILIES) and the loss (loss.RECIPES) set the recipe defaults: parse
     # once to learn them, then for real; the run is named against these defaults
     first = parser.parse_known_args(argv)[0]
-    parser.set_defaults(**{**recipe(first.backbone_type), **loss_recipe(first.loss_name)}, amp=amp_default)
+    parser.set_defaults(**{**recipe(first.backbone_type), **loss_recipe(first.loss_name, first.pretrained)}, amp=amp_default)
     args = parser.parse_args(argv)
     precision_chosen = args.amp == 'auto'
     args, defaults = checked(parser, args), vars(checked(parser, parser.parse_args([])))
@@ -135,7 +151,7 @@ def parse_args(argv=None, amp_default='auto'):
     args.run_name = run_name(args, defaults)
     if args.resume:
         return continued_run(args, defaults, precision_chosen)
-    refuse_writing_over_another_precision(args)
+    refuse_writing_over_another_run(args)
     return args
 
 
@@ -165,15 +181,29 @@ def continued_run(args, defaults, precision_chosen):
     return args
 
 
-def refuse_writing_over_another_precision(args):
-    """A run's name says its precision only where it differs from what --amp's default chooses, so a
-    fresh run can meet files of its name trained in another precision (begun before --amp auto was
-    the default, or on a device that resolves it otherwise). It would write over them: refuse."""
-    began_in = stored_arguments(checkpoint_path(args)).get('amp')
-    if began_in not in (None, args.amp):
-        raise ValueError(f'{run_prefix(args)}_* hold a run trained in {precision_label(began_in)}, and this one '
+# what a run had before each of these flags existed: its _args.json then lacks them
+BEFORE_THE_FLAG = {'embedding_norm': 'none', 'samples_per_class': None, 'proxy_init': 'random'}
+
+
+def refuse_writing_over_another_run(args):
+    """A run's name hashes only the arguments that differ from their defaults, so a fresh run can
+    meet files of its name written by a run under other defaults: another precision (begun before
+    --amp auto was the default, or on a device that resolves it otherwise), or a recipe default
+    changed since. It would write over them: refuse, naming what differs."""
+    stored = stored_arguments(checkpoint_path(args))
+    if not stored:
+        return
+    stored = {**BEFORE_THE_FLAG, **stored}
+    if stored.get('amp') not in (None, args.amp):
+        raise ValueError(f'{run_prefix(args)}_* hold a run trained in {precision_label(stored["amp"])}, and this one '
                          f'trains in {precision_label(args.amp)}: continue that run with --resume auto, '
                          f'or start this one with another --output_dir')
+    # None now: decided later in main() (--metrics), or a flag off, which a run of this name has off too
+    differences = [f'--{key} {stored[key]} there, {value} now' for key, value in run_defining(args).items()
+                   if key in stored and value is not None and stored[key] != value]
+    if differences:
+        raise ValueError(f'{run_prefix(args)}_* hold another run of this name ({"; ".join(differences)}): '
+                         f'start this one with another --output_dir, or move those files')
 
 
 def stored_arguments(checkpoint):
@@ -251,10 +281,26 @@ def build_optimizer(model, loss_fn, args):
                              weight_decay=args.weight_decay)
 
 
+@torch.no_grad()
+def class_mean_proxies(training, loader, labels, progress=True):
+    """Each proxy set to its class's mean embedding under the network as it is (untrained)."""
+    embeddings = embed(training.network, loader, training.world_size, training.amp_dtype,
+                       'embed train set (proxies)', progress, training.memory_format)
+    labels = torch.as_tensor(labels, device=embeddings.device)
+    proxies = training.loss_fn.proxies
+    sums = torch.zeros(proxies.shape, dtype=embeddings.dtype, device=embeddings.device).index_add_(0, labels, embeddings)
+    proxies.copy_(sums / torch.bincount(labels, minlength=len(proxies)).clamp(min=1)[:, None])
+
+
+# --proxy_init: how the proxies start (random: as the loss built them)
+PROXY_INITS = {'random': None, 'class_means': class_mean_proxies}
+
+
 def build_training(args, num_classes, device, world_size=1, memory_format=None):
     """The network, proxies, optimizer, schedule and gradient scaler of a run, on device.
     memory_format: how images are laid out (default: preferred_memory_format for the device and backbone)."""
-    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn, args.image_size)
+    model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn, args.image_size,
+                  args.embedding_norm, offline=args.offline)
     memory_format = memory_format or preferred_memory_format(device, model.backbone_spec)
     model = model.to(device, memory_format=memory_format)
     network = torch.compile(model) if args.compile else model
@@ -274,11 +320,75 @@ def build_training(args, num_classes, device, world_size=1, memory_format=None):
 # data loading
 
 
+class ClassBalancedSampler(torch.utils.data.Sampler):
+    """Class-balanced batches: each global batch holds samples_per_class (M) images of each of
+    batch_size / M distinct classes, so that every proxy in it learns from M embeddings of its class
+    rather than from one or none. Classes are visited in a new random order every epoch, and each
+    class's images in a new random order; a class with fewer than M images repeats some of them.
+    An epoch has as many batches as random batching gives. Under torchrun, rank r takes the r-th
+    slice of every global batch: whole classes wherever M divides the per-rank batch. The order
+    follows (seed, epoch) alone (set_epoch), so a resumed run draws the batches it would have drawn."""
+
+    def __init__(self, labels, batch_size, samples_per_class, world_size=1, rank=0, seed=0):
+        self.by_class = {}
+        for index, label in enumerate(labels):
+            self.by_class.setdefault(int(label), []).append(index)
+        self.classes_per_batch = batch_size // samples_per_class
+        if self.classes_per_batch > len(self.by_class):
+            raise ValueError(f'--batch_size {batch_size} / --samples_per_class {samples_per_class} = '
+                             f'{self.classes_per_batch} classes a batch, but the training set has {len(self.by_class)}')
+        self.batch_size, self.samples_per_class = batch_size, samples_per_class
+        self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, 0
+        self.num_batches = len(labels) // batch_size
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def short_classes(self):
+        """The classes with fewer than M images (they repeat images within a batch)."""
+        return [label for label, indices in self.by_class.items() if len(indices) < self.samples_per_class]
+
+    def global_batches(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = lambda n: torch.randperm(n, generator=generator).tolist()  # noqa: E731
+        classes, queue, cursor = sorted(self.by_class), [], {}
+        for _ in range(self.num_batches):
+            if len(queue) < self.classes_per_batch:  # the next round of classes, in a new order
+                queue += [classes[i] for i in order(len(classes)) if classes[i] not in queue]
+            batch_classes, queue = queue[:self.classes_per_batch], queue[self.classes_per_batch:]
+            batch = []
+            for label in batch_classes:
+                batch += self.take(label, cursor, order)
+            yield batch
+
+    def take(self, label, cursor, order):
+        """M of the class's images, going through them in a random order and starting a new one when they run out."""
+        indices, taken = self.by_class[label], []
+        while len(taken) < self.samples_per_class:
+            if not cursor.get(label):  # a new round, the images this batch already holds last
+                fresh = [indices[i] for i in order(len(indices))]
+                cursor[label] = [i for i in fresh if i not in taken] + [i for i in fresh if i in taken]
+            need = self.samples_per_class - len(taken)
+            taken += cursor[label][:need]
+            cursor[label] = cursor[label][need:]
+        return taken
+
+    def __iter__(self):
+        share = self.batch_size // self.world_size
+        for batch in self.global_batches():
+            yield from batch[self.rank * share:(self.rank + 1) * share]
+
+    def __len__(self):
+        return self.num_batches * (self.batch_size // self.world_size)
+
+
 def build_loader(images, labels, transform, train, args, device, rank=0, world_size=1):
-    """The DataLoader of this rank's share: shuffled and cut to whole batches for training,
-    strided shards in order (for embed()) otherwise."""
+    """The DataLoader of this rank's share: shuffled (or class-balanced) and cut to whole batches
+    for training, strided shards in order (for embed()) otherwise."""
     dataset = ImageDataset(images, labels, transform)
-    if train:  # a new order per epoch (set_epoch), each rank its disjoint share
+    if train and args.samples_per_class:
+        sampler = ClassBalancedSampler(labels, args.batch_size, args.samples_per_class, world_size, rank, args.seed)
+    elif train:  # a new order per epoch (set_epoch), each rank its disjoint share
         sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed,
                                                       drop_last=True)
     else:  # strided shards, gathered back by embed()
@@ -336,12 +446,15 @@ def step(training, epoch):
 
 def train_epoch(training, loader, epoch, progress=True):
     """One pass over the loader's batches, then the learning-rate schedule's step:
-    (mean loss, proxy-classification accuracy) over every rank's share. A non-finite loss
-    raises FloatingPointError before it reaches the weights."""
+    (mean loss, proxy-classification accuracy, share of the proxies that a gradient reached)
+    over every rank's share. A non-finite loss raises FloatingPointError before it reaches the weights."""
     trainer, world_size = training.trainer, training.world_size
     trainer.train()
     device = next(trainer.parameters()).device
     total_loss, correct, seen = 0.0, 0, 0
+    # on the device, read once at the end: under a positive-only rule a proxy learns only in the
+    # batches that hold its class
+    reached = torch.zeros(len(training.loss_fn.proxies), dtype=torch.bool, device=device)
     bar = tqdm(loader, desc=f'train {epoch}/{training.num_epochs}', dynamic_ncols=True, disable=not progress)
     for images, labels in bar:
         images = images.to(device, non_blocking=True, memory_format=training.memory_format)
@@ -351,6 +464,7 @@ def train_epoch(training, loader, epoch, progress=True):
             raise FloatingPointError(f'the loss became {loss.item()} in epoch {epoch}')
         training.optimizer.zero_grad(set_to_none=True)
         training.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not flush to zero
+        reached |= training.loss_fn.proxies.grad.ne(0).any(dim=1)
         step(training, epoch)
         total_loss += loss.item() * len(labels)
         correct += (training.loss_fn.predict(embeddings) == labels).sum().item()
@@ -361,7 +475,8 @@ def train_epoch(training, loader, epoch, progress=True):
     totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
     if world_size > 1:  # the epoch's numbers over every rank's share
         dist.all_reduce(totals)
-    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+    # DDP averages the proxies' gradient over the ranks, so every rank saw the same rows reached
+    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), reached.double().mean().item()
 
 
 def evaluate_epoch(training, loaders, data, args, epoch, progress=True):
@@ -405,8 +520,9 @@ def save_epoch(training, data, embeddings, statistics, args, name):
 def load_checkpoint(path, args):
     """The checkpoint at `path`, checked to come from a run with the same defining arguments."""
     checkpoint = load_torch_file(path, 'checkpoint', CHECKPOINT_KEYS, not_found=f'--resume {path}: no such checkpoint')
-    differences = [f'--{key} {checkpoint["args"].get(key)!r} there, {value!r} now'
-                   for key, value in run_defining(args).items() if checkpoint['args'].get(key) != value]
+    saved = {**BEFORE_THE_FLAG, **checkpoint['args']}
+    differences = [f'--{key} {saved.get(key)!r} there, {value!r} now'
+                   for key, value in run_defining(args).items() if saved.get(key) != value]
     if differences:
         raise ValueError(f'--resume {path} belongs to another run: ' + '; '.join(differences))
     return checkpoint
@@ -428,8 +544,9 @@ def resume(training, args, is_main):
     return checkpoint['statistics'], checkpoint['epoch'] + 1
 
 
-def announce(args, data, name, device, world_size):
-    """Write the run's arguments, and say what it trains on."""
+def announce(args, data, name, device, world_size, sampler=None):
+    """Write the run's arguments, and say what it trains on (and, with class-balanced batches, which
+    classes have too few images for them)."""
     os.makedirs(args.output_dir, exist_ok=True)
     with atomic_path(f'{name}_args.json') as tmp, open(tmp, 'w') as f:
         json.dump(vars(args), f, indent=2)
@@ -438,6 +555,11 @@ def announce(args, data, name, device, world_size):
           f'{len(data.images["test"])} images; {args.backbone_type} on {device}'
           + (f' x {world_size} processes' if world_size > 1 else '')
           + f' in {precision_label(args.amp)} (--amp); files {name}_*')
+    short = sampler.short_classes() if isinstance(sampler, ClassBalancedSampler) else []
+    if short:
+        names = ', '.join(data.train_classes[label] for label in short[:5]) + (', ...' if len(short) > 5 else '')
+        print(f'--samples_per_class {args.samples_per_class}: {len(short)} training classes have fewer images '
+              f'({names}); their images repeat within a batch')
 
 
 def epoch_line(epoch, num_epochs, loss, accuracy, metrics, seconds):
@@ -448,17 +570,46 @@ def epoch_line(epoch, num_epochs, loss, accuracy, metrics, seconds):
     return f'epoch {epoch}/{num_epochs}  {trained}  {tested}  ({seconds:.0f}s)'
 
 
-def finish(args, data, embeddings, name):
-    """The t-SNE map of the final test embeddings, once (it takes seconds), and the list of files."""
+COLLAPSED_PROXY_COSINE = 0.3  # proxies whose mean pairwise cosine is above this share one cone
+
+
+def summary(statistics, num_queries):
+    """The run in a few lines: every test metric at the final epoch against the untrained network's,
+    a drop flagged where it is larger than chance on num_queries queries can explain (two standard
+    errors of a difference of two fractions), and the proxies' collapse diagnostics."""
+    first, last = statistics[0], statistics[-1]
+    lines = [f'epoch {last["epoch"]} against the untrained network, on {num_queries} test queries:']
+    for key in first:
+        if key in ('epoch', 'loss', 'accuracy') or key in DIAGNOSTICS:
+            continue
+        before, after = first[key], last[key]
+        noise = 2 * (2 * max(before * (1 - before), 1 / num_queries) / num_queries) ** 0.5
+        flag = '  <- worse, by more than chance explains: training hurt retrieval' if after < before - noise else ''
+        lines.append(f'  {key.replace("recall@", "R@")} {100 * before:.1f}% -> {100 * after:.1f}%'
+                     f' ({100 * (after - before):+.1f}){flag}')
+    lines.append(f'  proxies: mean pairwise cosine {last["proxy_cosine_mean"]:.2f}, closest two '
+                 f'{last["proxy_cosine_max"]:.3f}, length of their mean {last["proxy_mean_length"]:.2f}; '
+                 f'{100 * last["proxies_updated"]:.0f}% reached by a gradient in the last epoch; '
+                 f'test embeddings\' mean pairwise cosine {last["embedding_cosine_mean"]:.2f}')
+    if last['proxy_cosine_mean'] > COLLAPSED_PROXY_COSINE:
+        lines.append(f'  the proxies share one cone (mean cosine above {COLLAPSED_PROXY_COSINE}): see '
+                     f'docs/method.md#proxy-collapse-from-scratch (--embedding_norm)')
+    return '\n'.join(lines)
+
+
+def finish(args, data, embeddings, name, statistics):
+    """The t-SNE map of the final test embeddings, once (it takes seconds), the run's summary and
+    the list of files."""
     if embeddings is None:
         print(f'{checkpoint_path(args)} is already past the last epoch ({args.num_epochs}); nothing to do')
         return
     plot_embedding_map(embeddings['test'], data.labels['test'], data.test_classes, f'{name}_embedding_map.png')
+    print(summary(statistics, len(data.labels['query'] or data.labels['test'])))
     print(f'saved {name}_{{statistics.csv,results.png,results.pdf,embedding_map.png,embedding_map.pdf,'
           f'model.pth,data_base.pth,checkpoint.pth,args.json}}')
     print(f'query it: python test.py --data_base {name}_data_base.pth --query_img_name IMAGE_OR_FOLDER')
     print(f'  (or --random_queries 6: six test images at random); '
-          f'the pages it writes: {os.path.join(args.output_dir, "index.html")}')
+          f'the pages it writes: {os.path.join(queries_folder(f"{name}_data_base.pth"), "index.html")}')
 
 
 def main(argv=None, amp_default='auto'):
@@ -475,7 +626,7 @@ def main(argv=None, amp_default='auto'):
     if args.batch_size > len(data.images['train']):  # flags, then data, then weights: before any work
         raise ValueError(f'--batch_size {args.batch_size} is larger than the {len(data.images["train"])} '
                          f'training images; pass --batch_size {len(data.images["train"])} or less')
-    weights_file(backbone_spec(args.backbone_type), args.pretrained)
+    weights_file(backbone_spec(args.backbone_type), args.pretrained, args.offline)
     if args.metrics is None:
         args.metrics = [m for m in METRICS if m != 'nmi' or len(data.test_classes) <= NMI_MAX_CLASSES]
     # model: network, proxies, optimizer; then the loaders, in the network's input convention
@@ -484,7 +635,9 @@ def main(argv=None, amp_default='auto'):
     name = run_prefix(args)
     statistics, first_epoch = resume(training, args, is_main)
     if is_main:
-        announce(args, data, name, device, world_size)
+        announce(args, data, name, device, world_size, train_loader.sampler)
+    if first_epoch == 0 and PROXY_INITS[args.proxy_init]:  # a fresh run; a resumed one has its proxies
+        PROXY_INITS[args.proxy_init](training, embed_loaders['train'], data.labels['train'], is_main)
 
     for epoch in range(first_epoch, args.num_epochs + 1):
         start = time.time()
@@ -494,20 +647,22 @@ def main(argv=None, amp_default='auto'):
         train_loader.sampler.set_epoch(epoch)
         # train; epoch 0 is the untrained network, the baseline every epoch is compared with
         try:
-            loss, accuracy = train_epoch(training, train_loader, epoch, is_main) if epoch else (math.nan, math.nan)
+            loss, accuracy, reached = train_epoch(training, train_loader, epoch, is_main) if epoch else (math.nan,) * 3
         except FloatingPointError as e:
             sys.exit(f'error: {e}; stopping. The files of epoch {epoch - 1} are kept in {args.output_dir}/. '
                      f'A lower --lr or --proxy_lr may help.')
         # evaluate on the unseen classes
         embeddings, metrics = evaluate_epoch(training, embed_loaders, data, args, epoch, is_main)
-        statistics.append({'epoch': epoch, 'loss': loss, 'accuracy': accuracy, **metrics})
+        statistics.append({'epoch': epoch, 'loss': loss, 'accuracy': accuracy, **metrics,
+                           **collapse_diagnostics(training.loss_fn.proxies, embeddings['test']),
+                           'proxies_updated': reached})
         # save every file of the epoch, then say so
         if is_main:
             save_epoch(training, data, embeddings, statistics, args, name)
             print(epoch_line(epoch, args.num_epochs, loss, accuracy, metrics, time.time() - start), flush=True)
 
     if is_main:
-        finish(args, data, embeddings if first_epoch <= args.num_epochs else None, name)
+        finish(args, data, embeddings if first_epoch <= args.num_epochs else None, name, statistics)
     if world_size > 1:
         dist.destroy_process_group()
 

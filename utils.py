@@ -1,6 +1,6 @@
 """What the scripts share, in five sections:
 
-- files and runs: atomic writes, the one loader of torch files, run names, the --device flag,
+- files and runs: atomic writes, downloads, the one loader of torch files, run names, the --device flag,
   the error tail of every script;
 - images and transforms;
 - the feature database that train.py writes and test.py and report.py read;
@@ -17,19 +17,27 @@ so that data_utils.py and test.py start without it.
 """
 import argparse
 import contextlib
+import copy
 import hashlib
+import http.client
 import json
 import math
 import os
+import pickle
 import re
 import shlex
 import sys
+import zipfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # files and runs
@@ -58,6 +66,19 @@ def save_torch_file(obj, path):
         torch.save(obj, tmp)
 
 
+def why_not_loaded(path, error):
+    """What torch.load's `error` on `path` means, in a few words: torch's own message is cryptic, or runs
+    to paragraphs of advice that does not apply."""
+    if isinstance(error, OSError):
+        return f'it cannot be read ({error.strerror or error})'
+    if not zipfile.is_zipfile(path):  # what torch.save writes is a zip archive
+        return 'it is not a file that torch.save writes (another kind of file, or one cut short)'
+    if isinstance(error, pickle.UnpicklingError):  # weights_only loads tensors and plain data, nothing else
+        return 'it holds Python objects besides tensors and plain data, which are not loaded (they could run code)'
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f'it is damaged ({first_line[:100]})'
+
+
 def load_torch_file(path, what, required_keys=(), writer='train.py', not_found=None):
     """The dict that torch.save wrote to `path`, loaded safely (weights_only) on the CPU and
     checked to hold required_keys. Every failure is one short error naming the file:
@@ -67,10 +88,7 @@ def load_torch_file(path, what, required_keys=(), writer='train.py', not_found=N
     except FileNotFoundError:
         raise FileNotFoundError(not_found or f'{path}: no such {what}') from None
     except Exception as e:  # unpickling, zip and index errors, or objects weights_only refuses; all cryptic
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        reason = reason if len(reason) <= 160 else reason[:159] + '…'  # torch's advice runs to paragraphs
-        raise ValueError(f'{path}: not a {what} written by {writer} '
-                         f'(torch.load with weights_only=True fails: {type(e).__name__}: {reason})') from None
+        raise ValueError(f'{path}: not a {what} written by {writer}: {why_not_loaded(path, e)}') from None
     if not isinstance(contents, dict):
         contents_keys, held = {}, f'; it holds a {type(contents).__name__}'
     else:
@@ -80,6 +98,107 @@ def load_torch_file(path, what, required_keys=(), writer='train.py', not_found=N
         raise ValueError(f'{path}: not a {what} written by {writer}: '
                          + (f'no {", ".join(missing)}' if missing else 'not a dict') + held)
     return contents
+
+
+# torch hub's naming convention: NAME-<the first 8 or more hex digits of the file's sha256>.EXT
+HASH_IN_NAME = re.compile(r'-([0-9a-f]{8,64})\.')
+URL_SCHEMES = ('http://', 'https://')
+
+
+class DownloadError(ConnectionError):
+    """A URL not fetched: offline, unreachable, refused, an HTTP error, or cut short. Callers turn it
+    into their own message, saying where the file is expected and what to do instead."""
+
+
+def is_url(text):
+    return str(text).startswith(URL_SCHEMES)
+
+
+def url_file_name(url):
+    """The last part of a URL's path, without its query: .../resnet18-f37072fd.pth?x=1 -> resnet18-f37072fd.pth."""
+    return os.path.basename(urllib.parse.urlsplit(url).path)
+
+
+def name_hash(name):
+    """The sha256 prefix that a file name carries by torch hub's convention, or None."""
+    match = HASH_IN_NAME.search(name)
+    return match.group(1) if match else None
+
+
+def check_digest(path, algorithm, expected, name=None):
+    """ValueError naming the file (`name`, default `path`) unless its `algorithm` digest starts
+    with `expected` (a prefix or the whole hex digest; None: nothing to check)."""
+    if expected is None:
+        return
+    with open(path, 'rb') as f:
+        digest = hashlib.file_digest(f, algorithm).hexdigest()
+    if not digest.startswith(expected.lower()):
+        raise ValueError(f'{name or path}: its {algorithm} is {digest}, expected {expected}')
+
+
+def reachable(url, timeout=5):
+    """Whether the server of `url` answers at all (any HTTP status will do) within `timeout` seconds."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method='HEAD'), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    return True
+
+
+def fetch(url, path, timeout, progress):
+    """Append the rest of `url` to `path` (from its start when it does not exist or the server
+    ignores ranges); DownloadError unless every byte the server announced arrived."""
+    have = os.path.getsize(path) if os.path.exists(path) else 0
+    request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            have = have if response.status == 206 else 0
+            length = response.headers.get('Content-Length')
+            expected = have + int(length) if length is not None else None
+            with open(path, 'ab' if have else 'wb') as f, \
+                    tqdm(total=expected, initial=have, unit='B', unit_scale=True, unit_divisor=1024,
+                         desc=url_file_name(url), disable=not progress, dynamic_ncols=True) as bar:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # what is kept is not a prefix of the file (it changed, or is complete)
+            os.remove(path)
+            return fetch(url, path, timeout, progress)
+        raise DownloadError(f'{url}: HTTP {e.code} {e.reason}') from None
+    except urllib.error.URLError as e:
+        raise DownloadError(f'{url}: {e.reason}') from None
+    except (OSError, http.client.HTTPException) as e:  # timeouts, resets, a malformed answer
+        raise DownloadError(f'{url}: {type(e).__name__}: {e}') from None
+    # read() ends quietly when the server closes early: count the bytes
+    if expected is not None and os.path.getsize(path) != expected:
+        raise DownloadError(f'{url}: cut short after {os.path.getsize(path)} of {expected} bytes')
+
+
+def download(url, path, sha256=None, md5=None, resume=False, offline=False, timeout=10, progress=True):
+    """Fetch `url` into `path`, with a progress bar, checked and written atomically: a cut download
+    never leaves a file under the name `path`. sha256, md5: the digest (or its prefix) the file must
+    have; a file without it is deleted and named in a ValueError. resume: keep a cut download as
+    PATH.part, which the next call continues (HTTP Range); otherwise the next call starts again.
+    offline: fetch nothing. timeout: seconds that connecting, and each read, may wait.
+    Network failures raise DownloadError."""
+    if offline:
+        raise DownloadError(f'{url}: not downloaded (offline)')
+    with contextlib.ExitStack() as stack:
+        partial = f'{path}.part' if resume else stack.enter_context(atomic_path(path))
+        fetch(url, partial, timeout, progress)
+        try:
+            check_digest(partial, 'sha256', sha256, path)
+            check_digest(partial, 'md5', md5, path)
+        except ValueError as e:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise ValueError(f'{e}; downloaded from {url}, deleted') from None
+        if resume:
+            os.replace(partial, path)
+    return path
 
 
 def run_script(main, argv=None):
@@ -105,6 +224,25 @@ def resolve_device(name):
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda: no CUDA device is available')
     return name
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: each flag's default after its help, "(default: X)", flags without help
+    too, except where there is none to say (None: not set; a switch, which takes no value) or the
+    help says it already."""
+
+    @staticmethod
+    def says_default(action):
+        return not (action.default is None or action.nargs == 0 or 'default' in (action.help or ''))
+
+    def _get_help_string(self, action):
+        return super()._get_help_string(action) if self.says_default(action) else action.help
+
+    def _format_action(self, action):
+        if not action.help and self.says_default(action):  # argparse shows nothing for a flag without help
+            action = copy.copy(action)
+            action.help = '(default: %(default)s)'
+        return super()._format_action(action)
 
 
 class Range:
@@ -176,7 +314,7 @@ def resolve_amp(name, device, bf16_pays_on_cpu=True):
 
 # Arguments that say where a run reads or writes, or how fast it goes, but not what it computes:
 # changing them keeps the run's name. Every other argument defines the run.
-NOT_RUN_DEFINING = ('data_path', 'output_dir', 'resume', 'num_workers', 'device', 'compile', 'run_name')
+NOT_RUN_DEFINING = ('data_path', 'output_dir', 'resume', 'num_workers', 'device', 'compile', 'run_name', 'offline')
 # the readable head of every name: the seed's {data}_{backbone}_{loss}_{dim}_{epochs}
 NAME_FIELDS = ('data_name', 'backbone_type', 'loss_name', 'feature_dim', 'num_epochs')
 
@@ -205,6 +343,13 @@ def stored_run_name(run_args):
     """The run name kept in a saved file's arguments (a dict); files written before names carried
     the hash and the seed have the bare readable head."""
     return run_args.get('run_name') or '_'.join(str(run_args[field]) for field in NAME_FIELDS)
+
+
+def queries_folder(gallery_file, results='results'):
+    """Where test.py writes the queries of a database or gallery index unless told otherwise: a folder
+    of its own, named after the file, results/{run}_queries/ for results/{run}_data_base.pth, so that
+    the sheets and pages of two databases never mix."""
+    return os.path.join(results, f'{run_label(gallery_file)}_queries')
 
 # -----------------------------------------------------------------------------
 # images and transforms
@@ -535,6 +680,36 @@ def recall(embeddings, labels, ks):
     results = evaluate(embeddings, labels, ks, metrics=('recall',))
     return [results[f'recall@{k}'] for k in ks]
 
+
+def mean_pairwise_cosine(vectors):
+    """The mean cosine over every pair of distinct rows, exactly, without the N x N matrix: with
+    the rows normalised, the sum of all pairs' cosines is |sum of rows|^2 minus the N self-pairs."""
+    unit = torch.nn.functional.normalize(vectors.detach().double(), dim=1)
+    n, total = len(unit), unit.sum(dim=0)
+    return ((total @ total - n) / (n * (n - 1))).item() if n > 1 else math.nan
+
+
+def max_pairwise_cosine(vectors, block=1024):
+    """The largest cosine between two distinct rows (the closest pair), in blocks of rows."""
+    unit = torch.nn.functional.normalize(vectors.detach().float(), dim=1)
+    largest = -math.inf
+    for start in range(0, len(unit), block):
+        cosines = unit[start:start + block] @ unit.t()
+        rows = torch.arange(len(cosines), device=unit.device)
+        cosines[rows, rows + start] = -math.inf  # not a pair
+        largest = max(largest, cosines.max().item())
+    return largest if len(unit) > 1 else math.nan
+
+
+def collapse_diagnostics(proxies, embeddings):
+    """Whether a run's proxies or embeddings fell into one cone, per epoch: the proxies' mean and
+    largest pairwise cosine and the length of their mean direction (of unit proxies: 0 when they
+    are spread evenly, 1 when they all coincide), the test embeddings' mean pairwise cosine."""
+    unit = torch.nn.functional.normalize(proxies.detach().double(), dim=1)
+    return {'proxy_cosine_mean': mean_pairwise_cosine(proxies), 'proxy_cosine_max': max_pairwise_cosine(proxies),
+            'proxy_mean_length': unit.mean(dim=0).norm().item(),
+            'embedding_cosine_mean': mean_pairwise_cosine(embeddings)}
+
 # -----------------------------------------------------------------------------
 # figures of runs: drawn by train.py after every run, and by report.py from a run's files
 
@@ -548,7 +723,13 @@ def pyplot():
     return plt
 
 
-RUN_COLUMNS = ('epoch', 'loss', 'accuracy')  # every other column of a statistics CSV is a test metric
+RUN_COLUMNS = ('epoch', 'loss', 'accuracy')  # with DIAGNOSTICS, every other column of a statistics CSV is a test metric
+# collapse_diagnostics, and the share of proxies that a gradient reached in the epoch: (label, axis range)
+DIAGNOSTICS = {'proxy_cosine_mean': ('proxy cos, mean', (-0.1, 1.02)),
+               'proxy_cosine_max': ('proxy cos, max', (-0.1, 1.02)),
+               'proxy_mean_length': ('|mean proxy|', (0, 1.02)),
+               'embedding_cosine_mean': ('test emb. cos, mean', (-0.1, 1.02)),
+               'proxies_updated': ('proxies reached', (0, 1.02))}
 RUN_FILE_SUFFIXES = ('_statistics.csv', '_results.png', '_data_base.pth')
 METRIC_LABELS = {'r_precision': 'R-Precision', 'map@r': 'MAP@R', 'nmi': 'NMI'}
 GOLDEN_RATIO_FRACTION = 0.618034
@@ -573,7 +754,14 @@ def metric_label(column):
 
 def metric_columns(tables):
     """The test-metric columns of statistics tables, in order of first appearance."""
-    return list(dict.fromkeys(c for table in tables for c in table.columns if c not in RUN_COLUMNS))
+    return list(dict.fromkeys(c for table in tables for c in table.columns
+                              if c not in RUN_COLUMNS and c not in DIAGNOSTICS))
+
+
+def diagnostic_columns(tables):
+    """The collapse-diagnostics columns that statistics tables hold, in DIAGNOSTICS' order."""
+    present = {c for table in tables for c in table.columns}
+    return [c for c in DIAGNOSTICS if c in present]
 
 
 def save_figure(fig, path):
@@ -623,6 +811,7 @@ def plot_runs(runs, path, mean_over_seeds=False):
     curves = seed_curves(runs) if mean_over_seeds else {label: (table, None) for label, table in runs.items()}
     panels = [('loss', 'training loss', 1), ('accuracy', 'proxy accuracy (%)', 100)]
     panels += [(column, f'{metric_label(column)} (%)', 100) for column in metric_columns(runs.values())]
+    panels += [(column, DIAGNOSTICS[column][0], 1) for column in diagnostic_columns(runs.values())]
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     with plt.style.context(['science', 'no-latex']):
@@ -641,9 +830,20 @@ def plot_runs(runs, path, mean_over_seeds=False):
                                     scale * (table[column] + spread[column]), color=style['color'], alpha=0.2,
                                     linewidth=0)
             ax.set(xlabel='epoch' if i + columns >= len(panels) else '', ylabel=ylabel)
+            if column in DIAGNOSTICS:  # one scale for every run, so that a collapse reads at a glance
+                ax.set_ylim(*DIAGNOSTICS[column][1])
+            elif scale == 100:  # a share: the autoscaled margin must not show impossible values above 100 %
+                low, high = ax.get_ylim()
+                ax.set_ylim(max(low, 0), min(high, 100))
+                for line in ax.get_lines():  # a point at 100 % shows whole on the panel's top edge
+                    line.set_clip_on(False)
             # shared epochs (loss and accuracy start at 1), in whole numbers, labelled under every panel
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelbottom=True)
+        # from the first epoch (0: the untrained network) to the last, with room for the end markers
+        first, last = min(table['epoch'].min() for table, _ in curves.values()), max(
+            table['epoch'].max() for table, _ in curves.values())
+        axes.flat[0].set_xlim(first - 0.02 * max(last - first, 1), last + 0.02 * max(last - first, 1))
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)
         # every run has a loss column, so the first panel holds one line per run
@@ -680,23 +880,51 @@ def embedding_coordinates(embeddings, labels, max_points=2000, seed=0):
         return tsne.fit_transform(points), labels[keep]
 
 
+def lch_colours(n, chroma=45.0, lightnesses=(58.0, 78.0, 40.0)):
+    """n RGBA colours spaced by eye: hues in golden-ratio steps round the CIELCh circle (perceptual, unlike
+    HSV's), lightness cycling through three levels, so that classes next in order differ in both."""
+    i = np.arange(n)
+    hue = 2 * np.pi * (i * GOLDEN_RATIO_FRACTION % 1)
+    lightness = np.asarray(lightnesses)[i % len(lightnesses)]
+    # CIELAB (D65 white) -> XYZ -> linear sRGB -> sRGB; colours outside sRGB are clipped into it
+    fy = (lightness + 16) / 116
+    f = np.stack([fy + chroma * np.cos(hue) / 500, fy, fy - chroma * np.sin(hue) / 200], axis=1)
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * [0.95047, 1.0, 1.08883]
+    to_linear_rgb = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
+    linear = np.clip(xyz @ to_linear_rgb.T, 0, 1)
+    rgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return np.column_stack([rgb, np.ones(n)])
+
+
+def class_colours(n):
+    """n RGBA colours, one per class, as far apart as n allows: tab10 up to 10 classes; tab20 up to 20,
+    its dark shades first, so that no two of the first ten share a hue; beyond 20, lch_colours."""
+    plt = pyplot()
+    if n <= 10:
+        return plt.cm.tab10(np.arange(n))
+    if n <= 20:
+        return plt.cm.tab20(np.r_[0:20:2, 1:20:2][:n])
+    return lch_colours(n)
+
+
 def plot_embedding_map(embeddings, labels, class_names, path, max_points=2000, seed=0):
-    """t-SNE map of embeddings coloured by class (labels index class_names); writes `path` (PNG) and
-    its PDF, returns the figure. Over 20 classes no palette tells them apart: hues then go round a
-    cyclic colour map in golden-ratio steps, so consecutive classes differ, and there is no legend."""
+    """t-SNE map of embeddings coloured by class (labels index class_names, colours class_colours);
+    writes `path` (PNG) and its PDF, returns the figure. Up to 20 classes a legend names them; beyond,
+    no palette tells every class apart, and there is no legend."""
     from matplotlib.lines import Line2D
     plt = pyplot()
     coordinates, labels = embedding_coordinates(embeddings, labels, max_points, seed)
     classes, index = np.unique(labels, return_inverse=True)
     few = len(classes) <= 20
-    colours = plt.cm.tab20(index) if few else plt.cm.hsv(index * GOLDEN_RATIO_FRACTION % 1)
+    palette = class_colours(len(classes))
+    colours = palette[index]
     subset = f' of {len(embeddings)}' if len(labels) < len(embeddings) else ''
     with plt.style.context(['science', 'no-latex']):
         fig, ax = plt.subplots(figsize=(5, 4.2) if few else (4.2, 4.2), layout='constrained')
         ax.scatter(coordinates[:, 0], coordinates[:, 1], s=4, c=colours, linewidths=0)
         ax.set(xticks=[], yticks=[], title=f't-SNE of {len(labels)}{subset} embeddings, {len(classes)} classes')
         if few:
-            handles = [Line2D([], [], ls='', marker='o', markersize=3, color=plt.cm.tab20(i), label=class_names[c])
+            handles = [Line2D([], [], ls='', marker='o', markersize=3, color=palette[i], label=class_names[c])
                        for i, c in enumerate(classes)]
             fig.legend(handles=handles, loc='outside right upper', fontsize=5, frameon=False)
     save_figure(fig, path)

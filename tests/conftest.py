@@ -1,7 +1,11 @@
 """Shared fixtures: the synthetic data set and one short training run on it, made once per session;
-a tiny untrained model file; the devices to run device-dependent tests on (CUDA too, where there is one)."""
+a tiny untrained model file; the devices to run device-dependent tests on (CUDA too, where there is one).
+Every test runs in an empty folder of its own, and the suite fails if any test changed the
+repository's results/ or data/, where the user's own runs and data sets live."""
+import glob
 import importlib
 import os
+import shutil
 
 import pytest
 import torch
@@ -30,6 +34,62 @@ def require(module, install):
 
 EXPORT_EXTRA = 'pip install -r requirements-export.txt'
 BENCH_EXTRA = 'pip install -r requirements-bench.txt'
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_FOLDERS = ('results', 'data')  # the user's runs and data sets: no test reads or writes them
+
+
+def folder_state(folder):
+    """{path under folder: (size, mtime in ns)} of every file, and None of every sub-folder; {} when
+    the folder does not exist."""
+    state = {}
+    for root, folders, files in os.walk(folder):
+        state.update({os.path.relpath(os.path.join(root, name), folder): None for name in folders})
+        for name in files:
+            try:
+                status = os.stat(os.path.join(root, name))
+            except FileNotFoundError:  # removed while walking
+                continue
+            state[os.path.relpath(os.path.join(root, name), folder)] = (status.st_size, status.st_mtime_ns)
+    return state
+
+
+def state_changes(before, after):
+    """What became of the entries of a folder between two folder_state()s, a few named per kind."""
+    kinds = {'added': sorted(after.keys() - before.keys()), 'removed': sorted(before.keys() - after.keys()),
+             'changed': sorted(p for p in before.keys() & after.keys() if before[p] != after[p])}
+    return [f'{kind} {", ".join(paths[:5])}{" ..." * (len(paths) > 5)}' for kind, paths in kinds.items() if paths]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def user_folders_untouched():
+    """Fails the session if a test added, removed or changed anything in the repository's results/ or data/."""
+    before = {name: folder_state(os.path.join(REPOSITORY, name)) for name in USER_FOLDERS}
+    yield
+    changed = [f'{name}/: {"; ".join(changes)}' for name in USER_FOLDERS
+               if (changes := state_changes(before[name], folder_state(os.path.join(REPOSITORY, name))))]
+    if changed:
+        pytest.fail('the tests changed the repository\'s own folders, which hold the user\'s runs and data: '
+                    + ' | '.join(changed) + ' (a test must write to its tmp_path, never to the defaults)',
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def own_working_folder(tmp_path_factory, monkeypatch):
+    """Each test starts in an empty folder of its own: train.py's default --output_dir results and
+    --data_path data resolve there, so a run the user left in the repository's results/ changes
+    nothing a test sees, and nothing a test writes by default lands there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp('cwd'))
+
+
+def copy_of_repository(folder):
+    """The code of the repository copied to `folder` (the scripts, benchmarks/, tests/, pytest.ini),
+    without results/ or data/: a place to run the README's commands, or the tests, as a user would."""
+    for pattern in ('*.py', 'benchmarks/*.py', 'tests/*.py', 'pytest.ini', 'requirements*.txt'):
+        for path in glob.glob(os.path.join(REPOSITORY, pattern)):
+            target = os.path.join(folder, os.path.relpath(path, REPOSITORY))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(path, target)
+    return folder
 
 
 @pytest.fixture(params=['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])

@@ -45,11 +45,13 @@ def trunk_matches(model, state):
 
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face hub cache, as $HF_HUB_CACHE would give one."""
+    """An empty Hugging Face hub cache, as $HF_HUB_CACHE would give one, offline (HF_HUB_OFFLINE=1):
+    a file missing from it is an error, never a download (tests/test_download.py tests those)."""
     import huggingface_hub
     cache = tmp_path / 'hf_cache'
     cache.mkdir()
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     return cache
 
 

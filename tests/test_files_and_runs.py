@@ -1,6 +1,7 @@
 """Files and runs as a user meets them: run names that never collide, the one loader of torch
 files, the feature database, and scripts that start without the plotting stack."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 
 import data_utils
 import train
+from conftest import copy_of_repository
 from utils import (RetrievalData, build_database, database_split, load_database, load_torch_file, resolve_amp,
                    run_name, save_torch_file)
 
@@ -44,6 +46,47 @@ def test_the_default_precision_keeps_the_name_and_the_other_one_changes_it():
     # the default run keeps the name it had when fp32 was the default, the one the README gives
     assert train.parse_args([*QUICK_START, '--device', 'cpu'], amp_default='none').run_name == name() == \
         'synthetic_resnet18_positive_proxy_512_10_43a97a_seed0'
+
+
+def leave_a_quick_start_run(results, amp):
+    """The files by which train.py recognises a run of the quick start's name begun in `amp`."""
+    results.mkdir(parents=True, exist_ok=True)
+    prefix = results / name()
+    (prefix.parent / f'{prefix.name}_args.json').write_text(json.dumps({'amp': amp}))
+    torch.save({'epoch': 10}, prefix.parent / f'{prefix.name}_checkpoint.pth')
+
+
+def pytest_in(folder, *arguments):
+    return subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *arguments], cwd=folder,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow  # a fresh pytest session in a copy of the repository
+def test_a_run_the_quick_start_left_in_results_changes_no_test(tmp_path, monkeypatch):
+    repository = copy_of_repository(tmp_path / 'repository')
+    leave_a_quick_start_run(repository / 'results', 'bf16')
+    # from the repository's folder, as a user types them, train.py's arguments do meet that run
+    monkeypatch.chdir(repository)
+    with pytest.raises(ValueError, match='hold a run trained in bf16'):
+        train.parse_args([*QUICK_START, '--device', 'cpu'], amp_default='none')  # fp32, under the same name
+    # the tests do not: each works in its own folder
+    done = pytest_in(repository, '-m', 'not slow', 'tests/test_files_and_runs.py')
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert 'test_the_default_precision_keeps_the_name' not in done.stdout  # not among failures
+
+
+@pytest.mark.slow  # a fresh pytest session in a copy of the repository
+def test_a_test_that_writes_to_the_repository_results_fails_the_session(tmp_path):
+    repository = copy_of_repository(tmp_path / 'repository')
+    (repository / 'tests' / 'test_careless.py').write_text(
+        'import os\n\n\ndef test_writes_beside_the_code():\n'
+        '    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "results", "stray.txt"), "w") as f:\n'
+        '        f.write("x")\n')
+    (repository / 'results').mkdir()
+    done = pytest_in(repository, 'tests/test_careless.py')
+    assert done.returncode != 0
+    assert "the tests changed the repository's own folders" in done.stdout
+    assert 'results/: added stray.txt' in done.stdout
 
 
 @pytest.mark.parametrize('flags', [['--num_workers', '0'], ['--output_dir', 'elsewhere'], ['--data_path', 'd2'],
@@ -112,10 +155,23 @@ def test_loading_names_the_file_and_what_it_should_hold(tmp_path):
     assert len(str(error.value)) < 400 + len(str(path))
 
 
+@pytest.mark.parametrize('damage', ['random bytes', 'cut short', 'text'])
+def test_a_file_that_is_no_torch_file_gets_one_short_sentence_naming_it(tmp_path, damage):
+    path = tmp_path / 'run_data_base.pth'
+    torch.save({'test_embeddings': torch.zeros(3, 4)}, path)
+    contents = {'random bytes': os.urandom(3000), 'cut short': path.read_bytes()[:400], 'text': b'epoch,loss\n0,1\n'}
+    path.write_bytes(contents[damage])
+    with pytest.raises(ValueError) as error:
+        load_database(path)
+    assert str(error.value) == (f'{path}: not a database written by train.py: it is not a file that torch.save '
+                                'writes (another kind of file, or one cut short)')
+
+
 def test_loading_never_runs_code_hidden_in_a_file(tmp_path):
     path, marker = tmp_path / 'trap.pth', tmp_path / 'ran'
     torch.save({'model': Trap(str(marker))}, path)
-    with pytest.raises(ValueError, match='not a model file'):
+    with pytest.raises(ValueError, match='not a model file written by train.py: it holds Python objects besides '
+                                         'tensors and plain data, which are not loaded'):
         load_torch_file(path, 'model file')
     assert not marker.exists()
 
@@ -170,3 +226,22 @@ def test_preparing_data_does_not_load_the_plotting_stack():
                              'print(sorted({m.split(".")[0] for m in sys.modules} & {"matplotlib", "pandas", "scienceplots"}))'],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == '[]'
+
+# -----------------------------------------------------------------------------
+# the command lines
+
+
+@pytest.mark.parametrize('script,argv,shown', [
+    ('train', ['--help'], ['--num_epochs NUM_EPOCHS (default: 20)', '--output_dir OUTPUT_DIR (default: results)',
+                           '--lr LR learning rate of the network (default: 0.0001)']),
+    ('test', ['--help'], ['how many images to retrieve per query (default: 8)', '(default: exact)']),
+    ('data_utils', ['--help'], ['one sub-folder per dataset (default: data)', '(default: 100)']),
+    ('export', ['--help'], ['--format {onnx} (default: onnx)']),
+    ('report', ['structure', '--help'], ['default: docs/images/structure.png'])])
+def test_help_shows_every_default(script, argv, shown, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exited:
+        (module.main if script == 'data_utils' else module.parse_args)(argv)
+    said = ' '.join(capsys.readouterr().out.split())  # as one line: argparse wraps to the terminal
+    assert exited.value.code == 0 and all(default in said for default in shown)
+    assert '(default: None)' not in said and '(default: False)' not in said  # nothing to say: not said

@@ -144,6 +144,7 @@ def test_loads_imagenet_from_torch_home_cache(resnet18_file, tmp_path, monkeypat
 
 def test_missing_cache_names_expected_file_and_alternatives(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # offline, the missing file is said; online it would be downloaded
     with pytest.raises(FileNotFoundError) as error:
         Model('resnet18', pretrained='imagenet')
     message = str(error.value)

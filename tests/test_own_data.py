@@ -1,9 +1,6 @@
 """Your own data set: any --data_name that is not built in, read from DATA_PATH/NAME/ as class folders or
 images.csv, into the splits train.py and test.py use; its bad inputs; the validation split of train.py."""
 import os
-import shlex
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -16,8 +13,6 @@ import train
 from data_utils import load_splits, split_path, validation_splits
 from test_data_utils import main, write_truncated_jpeg
 from test_query import draw_image
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # spaces and non-ASCII characters in class and file names; sorted: 'Käfer' < 'cat' < 'straße' < 'zebra fish' < '猫'
 CLASSES = ['Käfer', 'cat', 'straße', 'zebra fish', '猫']
@@ -283,6 +278,28 @@ def test_too_few_classes_for_the_test_fraction_are_refused(tmp_path, capsys):
     assert not os.path.exists(split_path(str(tmp_path), 'mine'))
 
 
+def test_a_folder_of_one_class_is_refused_naming_it_and_no_flag_the_user_did_not_pass(tmp_path):
+    write_classes(tmp_path / 'mine', ['cat'])
+    message = refused(tmp_path, 'mine')
+    assert f"{tmp_path / 'mine'}: one class only ('cat')" in message and 'at least two are needed' in message
+    assert '--test_fraction' not in message
+
+
+def test_an_unknown_data_name_lists_the_built_in_names_and_the_folders_found(tmp_path):
+    write_classes(tmp_path / 'mine', ['a', 'b'])
+    with pytest.raises(FileNotFoundError) as error:
+        load_splits(str(tmp_path), 'synthtic')  # what train.py reads
+    assert str(error.value).startswith('--data_name synthtic: no such data set')
+    assert str(error.value).endswith(f'built-in data sets: car, cub, inshop, sop, synthetic; folders in {tmp_path}/: '
+                                     'mine; did you mean synthetic?')
+    with pytest.raises(SystemExit, match=f'folders in {tmp_path}/: mine; did you mean mine?'):
+        main(['--data_path', str(tmp_path), '--data_name', 'mien'])
+    # a folder there that is not prepared yet: the command that prepares it
+    with pytest.raises(FileNotFoundError, match=f'create it with: python data_utils.py --data_path {tmp_path} '
+                                                '--data_name mine$'):
+        load_splits(str(tmp_path), 'mine')
+
+
 def test_names_that_are_no_folder_a_missing_folder_crop_and_fractions_of_built_ins_are_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"--data_name '\.\./elsewhere': expected the name of one folder"):
         main(['--data_path', str(tmp_path), '--data_name', '../elsewhere'])
@@ -390,40 +407,10 @@ def test_train_and_query_on_a_csv_set_and_validate_on_held_out_training_classes(
     assert validation['args']['val_fraction'] == 0.25
 
 
-def readme_commands(heading):
-    """The commands of the README's first code block under the heading, each split as a shell splits it."""
-    with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
-        readme = f.read()
-    block = readme.split(heading, 1)[1].split('```bash\n', 1)[1].split('```', 1)[0]
-    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
-
-
-@pytest.mark.slow  # 20 epochs of pretrained EfficientNet-Lite0 at 224 px, as the README says
-def test_the_readme_own_photo_commands_run_as_written_on_six_classes_of_eight_photos(tmp_path):
-    commands = readme_commands('## Your own photos in three commands')
-    assert [command[:2] for command in commands] == [['python', 'data_utils.py'], ['python', 'train.py'],
-                                                     ['python', 'test.py']]
-    for k, colour in enumerate(['red', 'green', 'blue', 'yellow', 'magenta', 'cyan']):
-        (tmp_path / 'data' / 'my_photos' / f'{colour} things').mkdir(parents=True)
-        for i in range(8):
-            draw_image(tmp_path / 'data' / 'my_photos' / f'{colour} things' / f'{i}.jpg', colour, (80 + 7 * i, 64 + 5 * k))
-    draw_image(tmp_path / 'query.jpg', 'red', (90, 70))
-
-    def run(command):  # from a folder with data/ and query.jpg, as a user runs it there
-        done = subprocess.run([sys.executable, os.path.join(REPO, command[1]), *command[2:]], cwd=tmp_path,
-                              capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': REPO})
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
-
-    said = run(commands[0])
-    assert 'train classes: ' in said and 'test classes: ' in said  # names the 3 classes on each side
-    said = run(commands[1])
-    # train.py's last words: the test.py command of its database, the README's third line
-    database = commands[2][commands[2].index('--data_base') + 1]
-    assert f'python test.py --data_base {database} --query_img_name' in said
-    assert os.path.join('results', 'index.html') in said
-    said = run(commands[2])
-    assert 'query.jpg: outside the database, no ground truth; 8 results' in said
-    assert (tmp_path / 'results' / 'index.html').exists()
-    # its folder: the query, 8 results, the grid, the page and its record
-    assert len(os.listdir(tmp_path / 'results' / f'{tmp_path.name}_query')) == 12
+def write_own_photos(folder, classes=6, photos=8):
+    """folder/<colour> things/<i>.jpg: the README's example of your own photos, 6 classes of 8, each
+    class a disc of its colour, each photo of a size of its own."""
+    for k, colour in enumerate(['red', 'green', 'blue', 'yellow', 'magenta', 'cyan'][:classes]):
+        os.makedirs(os.path.join(folder, f'{colour} things'), exist_ok=True)
+        for i in range(photos):
+            draw_image(os.path.join(folder, f'{colour} things', f'{i}.jpg'), colour, (80 + 7 * i, 64 + 5 * k))

@@ -15,6 +15,7 @@ import gallery as gallery_tool  # the repository's gallery.py
 import test as query_tool  # the repository's test.py, not a test module
 from conftest import absent
 from test_query import draw_image
+from utils import queries_folder
 
 # Appended to a copy of the page: once everything has loaded, it writes into the page what the
 # browser shows, each image's natural width and the colour of its frame (a pixel inside the border).
@@ -161,6 +162,21 @@ def test_each_query_run_keeps_its_pages_and_the_contents_page_links_every_one(la
     assert 'green' in legends[os.path.basename(query_tool.query_folder('', first))]
     assert 'not an image of the database' in legends[os.path.basename(query_tool.query_folder('', outside))]
     assert 'green' not in legends[os.path.basename(query_tool.query_folder('', outside))]
+
+
+def test_two_databases_queried_with_the_defaults_keep_their_sheets_and_pages_apart(labelled_database, tmp_path):
+    database_file, _ = labelled_database
+    databases = [database_file, str(shutil.copy(database_file, tmp_path / 'other_seed1_data_base.pth'))]
+    for path in databases:  # the same images drawn from each: the same query folder names
+        query_tool.main(['--data_base', path, '--random_queries', '3', '--retrieval_num', '3'])
+    # the test runs in an empty folder of its own (conftest.py): the default is its results/
+    assert sorted(os.listdir('results')) == sorted(os.path.basename(queries_folder(path)) for path in databases)
+    for path in databases:
+        folder = queries_folder(path)
+        assert os.path.isfile(os.path.join(folder, 'retrieval_summary.png'))
+        pages = query_tool.query_pages(folder)
+        assert len(pages) == 3 and {record['gallery'] for _, record in pages} == {f'--data_base {path}'}
+        assert open(os.path.join(folder, 'index.html')).read().count('<section>') == 3
 
 
 def drawn_queries(database_file, out, *flags):

@@ -191,6 +191,40 @@ def test_embedding_map_names_few_classes_in_a_legend_and_many_by_colour_alone(tm
     assert [text.get_text() for legend_ in fig.legends for text in legend_.get_texts()] == (names if legend else [])
 
 
+@pytest.mark.parametrize('num_classes', [4, 10, 20, 60])
+def test_class_colours_can_be_told_apart(num_classes):
+    colours = utils.class_colours(num_classes)[:, :3]
+    assert len(np.unique(colours, axis=0)) == num_classes
+    if num_classes <= 20:  # every pair, in RGB units of 0-1
+        distances = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+        assert distances[~np.eye(num_classes, dtype=bool)].min() > 0.09
+    else:  # too many to keep apart: at least classes next to each other in order differ clearly
+        assert np.linalg.norm(np.diff(colours, axis=0), axis=1).min() > 0.3
+
+
+def test_the_legend_shows_each_class_in_its_colour_on_the_map(tmp_path):
+    embeddings, labels = clustered_embeddings(12, 3)
+    fig = utils.plot_embedding_map(embeddings, labels, [f'class {i}' for i in range(12)], str(tmp_path / 'map.png'))
+    points = fig.axes[0].collections[0].get_facecolors()
+    legend = {text.get_text(): handle.get_color() for text, handle in zip(fig.legends[0].get_texts(),
+                                                                           fig.legends[0].legend_handles)}
+    for label in range(12):
+        np.testing.assert_allclose(points[labels.index(label)], legend[f'class {label}'])
+
+
+def test_epochs_are_whole_numbers_from_0_to_the_last_and_shares_stop_at_100(tmp_path):
+    perfect = {**RUNS['synthetic_resnet18_positive_proxy_512_3'], 'recall@2': [0.4, 0.9, 1.0, 1.0]}
+    fig = utils.plot_runs({'perfect': pd.DataFrame(perfect)}, str(tmp_path / 'perfect.png'))
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    for ax in panels:  # the loss starts at epoch 1, the metrics at 0: one axis for both
+        low, high = ax.get_xlim()
+        assert -0.5 < low < 0 and 3 < high < 3.5
+        assert [tick for tick in ax.get_xticks() if low <= tick <= high] == [0, 1, 2, 3]
+    assert [ax.get_ylabel() for ax in panels[1:4]] == ['proxy accuracy (%)', 'R@1 (%)', 'R@2 (%)']
+    assert all(0 <= ax.get_ylim()[0] and ax.get_ylim()[1] <= 100 for ax in panels[1:])
+    assert panels[3].get_ylim()[1] == 100  # R@2 reaches 100 %: its axis ends there, not above
+
+
 def test_map_command_draws_a_database_beside_it(tmp_path):
     embeddings, labels = clustered_embeddings(3, 10)
     path = tmp_path / 'synthetic_resnet18_positive_proxy_512_3_data_base.pth'

@@ -125,6 +125,54 @@ def test_queries_are_embedded_in_the_precision_of_the_gallery_they_search():
     assert dtype(['--amp', 'none'], 'bf16') is None and dtype(['--amp', 'bf16'], 'none') == torch.bfloat16  # as asked
 
 
+def test_test_py_without_a_database_shows_its_usage_and_asks_for_one(capsys):
+    with pytest.raises(SystemExit) as exited:
+        query_tool.parse_args([])
+    said = capsys.readouterr().err
+    assert exited.value.code == 2 and said.startswith('usage: ')
+    assert 'error: --data_base is required' in said and '--gallery FOLDER --model PATH' in said
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--data_base', 'run_data_base.pth'], 'name the queries, --query_img_name IMAGE_OR_FOLDER or --random_queries N'),
+    (['--data_base', 'run_data_base.pth', '--index', 'photos_index.pth', '--random_queries', '2'],
+     '--data_base and --gallery/--index are two galleries: search one at a time')])
+def test_a_database_needs_queries_and_is_searched_alone(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        query_tool.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_each_database_and_index_has_its_own_results_folder_by_default():
+    def folder(*flags):
+        return query_tool.parse_args([*flags, '--random_queries', '2']).output_dir
+    assert folder('--data_base', 'results/a_seed0_data_base.pth') == os.path.join('results', 'a_seed0_queries')
+    assert folder('--data_base', 'elsewhere/b_seed0_data_base.pth') == os.path.join('results', 'b_seed0_queries')
+    assert folder('--index', 'results/a_seed0_index.pth') == os.path.join('results', 'a_seed0_index_queries')
+    assert folder('--data_base', 'a_seed0_data_base.pth', '--output_dir', 'mine') == 'mine'
+
+
+def test_the_sheet_has_a_title_and_a_legend_of_the_frames_it_shows(tmp_path):
+    image = str(draw_image(tmp_path / 'a.png', 'white'))
+
+    def sheet(*colours):
+        """(the header above the rows, the rows) of a sheet of two queries whose results are framed so."""
+        rows = [[query_tool.Tile(image, GREY, 'query: a.png', '')] +
+                [query_tool.Tile(image, colour, '#1  0.900', 'cls') for colour in colours]] * 2
+        gallery = gallery_tool.Gallery([image], torch.zeros(1, 4), None, None, '--data_base x_data_base.pth', 'x_seed0')
+        full = np.asarray(query_tool.summary_sheet(rows, gallery))
+        plain = np.asarray(query_tool.draw_sheet(rows, query_tool.SUMMARY_TILE))
+        assert (full[-len(plain):] == plain).all()  # the rows as draw_sheet draws them, under a header
+        return full[:-len(plain)]
+
+    def shows(header, colour):  # a legend swatch: a square outline in the frame's exact colour (text is anti-aliased)
+        return (header == colour).all(axis=-1).sum() > 50
+    labelled, photos = sheet(GREEN, RED, GREEN), sheet(GREY, GREY)
+    assert shows(labelled, GREEN) and shows(labelled, RED) and not shows(labelled, GREY)
+    assert shows(photos, GREY) and not shows(photos, GREEN) and not shows(photos, RED)
+    assert (labelled.min(axis=-1) < 60).sum() > 500  # the title and the legend's words, in black
+
+
 @pytest.mark.slow
 def test_a_copy_of_a_database_image_retrieves_what_the_image_itself_does(database_file, model_file, tmp_path):
     database = torch.load(database_file, weights_only=True)
@@ -192,10 +240,11 @@ def test_several_queries_give_a_grid_each_and_a_summary_row_each(database_file, 
     with Image.open(tmp_path / 'two' / 'retrieval_summary.png') as two, \
             Image.open(tmp_path / 'three' / 'retrieval_summary.png') as three, \
             Image.open(tmp_path / 'two' / 'photos_a' / 'grid.png') as grid:
-        # one row per query, as wide as the query and its 3 results in small tiles
+        # one row per query under the same title, as wide as the query and its 3 results in small tiles
         assert two.format == three.format == 'PNG'
-        assert two.width == three.width and 3 * two.height == 2 * three.height
-        assert 4 * query_tool.SUMMARY_TILE < two.width < grid.width and two.height / 2 < grid.height
+        row = three.height - two.height
+        assert two.width == three.width and 2 * row < two.height < 3 * row
+        assert 4 * query_tool.SUMMARY_TILE < two.width < grid.width and row < grid.height
 
 
 @pytest.mark.slow

@@ -125,9 +125,14 @@ def test_the_epoch_0_line_shows_the_untrained_network_without_a_loss():
 def test_missing_splits_tell_the_user_to_run_data_utils(tmp_path):
     with pytest.raises(FileNotFoundError, match='python data_utils.py'):
         train.main(['--data_path', str(tmp_path), '--data_name', 'cub', '--pretrained', 'none'])
-    # any other name is your own data set, prepared the same way
+    # any other name is your own data set, prepared the same way once its folder is there...
+    (tmp_path / 'my photos').mkdir()
     with pytest.raises(FileNotFoundError, match="python data_utils.py --data_path .* --data_name 'my photos'"):
         train.main(['--data_path', str(tmp_path), '--data_name', 'my photos', '--pretrained', 'none'])
+    # ...and a name that is neither gets the built-in names and the folders there
+    with pytest.raises(FileNotFoundError, match="built-in data sets: car, cub, inshop, sop, synthetic; "
+                                                "folders in .*: my photos"):
+        train.main(['--data_path', str(tmp_path), '--data_name', 'synthtic', '--pretrained', 'none'])
 
 
 @pytest.mark.slow
