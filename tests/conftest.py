@@ -132,7 +132,7 @@ def write_tiny_run(output_dir, backbone_type):
                              '--output_dir', output_dir])
     torch.manual_seed(0)
     model = Model(args.backbone_type, args.feature_dim, args.pretrained, args.pooling, args.freeze_bn,
-                  image_size=args.image_size)
+                  image_size=args.image_size, embedding_norm=args.embedding_norm)
     path = f'{output_dir}/{args.run_name}_model.pth'
     utils.save_torch_file({'model': model.state_dict(), 'proxies': {}, 'epoch': 1, 'args': vars(args)}, path)
     return {'args': args, 'model_file': path}

@@ -110,7 +110,8 @@ def another_model(tiny_run, tmp_path):
     checkpoint = load_torch_file(tiny_run['model_file'], 'model file')
     torch.manual_seed(1)
     path = tmp_path / 'other_model.pth'
-    torch.save({**checkpoint, 'model': Model('resnet18', 512, pretrained='none').state_dict()}, path)
+    other = Model('resnet18', 512, pretrained='none', embedding_norm=checkpoint['args']['embedding_norm'])
+    torch.save({**checkpoint, 'model': other.state_dict()}, path)
     return str(path)
 
 
