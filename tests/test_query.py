@@ -275,14 +275,14 @@ def smaller_embeddings(database_file, model_file, tmp_path):
 
 def googlenet_model(database_file, model_file, tmp_path):
     checkpoint = torch.load(model_file, weights_only=True)
-    torch.save({**checkpoint, 'model': Model('googlenet', 512, pretrained='none').state_dict(),
+    torch.save({**checkpoint, 'model': Model('googlenet', 512, pretrained='none', embedding_norm=checkpoint['args']['embedding_norm']).state_dict(),
                 'args': {**checkpoint['args'], 'backbone_type': 'googlenet'}}, tmp_path / 'googlenet_model.pth')
     return database_file, tmp_path / 'googlenet_model.pth'
 
 
 def another_run_model(database_file, model_file, tmp_path):
     checkpoint = torch.load(model_file, weights_only=True)  # the same architecture, freshly initialised
-    torch.save({**checkpoint, 'model': Model('resnet18', 512, pretrained='none').state_dict()},
+    torch.save({**checkpoint, 'model': Model('resnet18', 512, pretrained='none', embedding_norm=checkpoint['args']['embedding_norm']).state_dict()},
                tmp_path / 'other_model.pth')
     return database_file, tmp_path / 'other_model.pth'
 

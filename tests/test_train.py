@@ -33,7 +33,8 @@ def test_training_lifts_heldout_recall_clearly_above_epoch_0(trained_run):
 def test_run_writes_csv_figure_args_model_and_database(trained_run):
     prefix, args = trained_run['prefix'], trained_run['args']
     assert list(pd.read_csv(f'{prefix}_statistics.csv').columns) == \
-        ['epoch', 'loss', 'accuracy', 'recall@1', 'recall@2', 'recall@4', 'recall@8', 'r_precision', 'map@r', 'nmi']
+        ['epoch', 'loss', 'accuracy', 'recall@1', 'recall@2', 'recall@4', 'recall@8', 'r_precision', 'map@r', 'nmi',
+         'proxy_cosine_mean', 'proxy_cosine_max', 'proxy_mean_length', 'embedding_cosine_mean', 'proxies_updated']
     for figure in ('results', 'embedding_map'):
         with open(f'{prefix}_{figure}.png', 'rb') as f:
             assert f.read(8) == b'\x89PNG\r\n\x1a\n'
