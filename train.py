@@ -27,10 +27,10 @@ from data_utils import PREPARERS, load_splits, validation_splits
 from loss import LOSSES, build_loss, loss_recipe
 from model import (BACKBONES, EMBEDDING_NORMS, POOLINGS, Model, backbone_spec, embed, preferred_memory_format, recipe,
                    weights_file)
-from utils import (AMP_DTYPES, DIAGNOSTICS, METRICS, HelpFormatter, ImageDataset, Range, RetrievalData, add_amp_argument,
+from utils import (AMP_DTYPES, METRICS, HelpFormatter, ImageDataset, Range, RetrievalData, add_amp_argument,
                    add_device_argument, atomic_path, build_database, build_transforms, collapse_diagnostics, evaluate,
-                   load_torch_file, plot_embedding_map, plot_statistics, precision_label, queries_folder, resolve_amp, resolve_device,
-                   run_defining, run_name, run_script, save_torch_file)
+                   load_torch_file, metric_columns, plot_embedding_map, plot_statistics, precision_label,
+                   queries_folder, resolve_amp, resolve_device, run_defining, run_name, run_script, save_torch_file)
 
 NMI_MAX_CLASSES = 1000
 CHECKPOINT_KEYS = ('model', 'loss', 'optimizer', 'scheduler', 'scaler', 'epoch', 'statistics', 'args')
@@ -579,9 +579,7 @@ def summary(statistics, num_queries):
     errors of a difference of two fractions), and the proxies' collapse diagnostics."""
     first, last = statistics[0], statistics[-1]
     lines = [f'epoch {last["epoch"]} against the untrained network, on {num_queries} test queries:']
-    for key in first:
-        if key in ('epoch', 'loss', 'accuracy') or key in DIAGNOSTICS:
-            continue
+    for key in metric_columns([pd.DataFrame(statistics)]):
         before, after = first[key], last[key]
         noise = 2 * (2 * max(before * (1 - before), 1 / num_queries) / num_queries) ** 0.5
         flag = '  <- worse, by more than chance explains: training hurt retrieval' if after < before - noise else ''

@@ -705,9 +705,9 @@ def collapse_diagnostics(proxies, embeddings):
     """Whether a run's proxies or embeddings fell into one cone, per epoch: the proxies' mean and
     largest pairwise cosine and the length of their mean direction (of unit proxies: 0 when they
     are spread evenly, 1 when they all coincide), the test embeddings' mean pairwise cosine."""
-    unit = torch.nn.functional.normalize(proxies.detach().double(), dim=1)
+    mean_length = torch.nn.functional.normalize(proxies.detach().double(), dim=1).mean(dim=0).norm().item()
     return {'proxy_cosine_mean': mean_pairwise_cosine(proxies), 'proxy_cosine_max': max_pairwise_cosine(proxies),
-            'proxy_mean_length': unit.mean(dim=0).norm().item(),
+            'proxy_mean_length': mean_length,
             'embedding_cosine_mean': mean_pairwise_cosine(embeddings)}
 
 # -----------------------------------------------------------------------------
