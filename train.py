@@ -106,6 +106,9 @@ def build_parser():
     parser.add_argument('--output_dir', default='results')
     parser.add_argument('--resume', default=None,
                         help="a checkpoint PATH, or 'auto': this run's checkpoint in --output_dir if there is one")
+    parser.add_argument('--keep_checkpoint', action='store_true',
+                        help="keep the run's resume checkpoint (network, proxies and optimizer state) once it "
+                             "has finished; by default the finished run removes it")
     return parser
 
 
@@ -498,16 +501,30 @@ def evaluate_epoch(training, loaders, data, args, epoch, progress=True):
     return embeddings, metrics
 
 
+def best_epoch(statistics):
+    """(the trained epoch with the highest first test metric, that metric): R@1 by default, the
+    earliest of ties; the epoch is None before any has been evaluated."""
+    table = pd.DataFrame(statistics)
+    metric = metric_columns([table])[0]
+    scores = table.set_index('epoch')[metric].drop(0, errors='ignore').dropna()
+    return (int(scores.idxmax()) if len(scores) else None), metric
+
+
 def save_epoch(training, data, embeddings, statistics, args, name):
-    """Every file of the epoch, each written atomically: the statistics CSV and figure, the model,
-    the feature database and, last, the checkpoint: a checkpoint on disk means its epoch is complete."""
+    """Every file of the epoch, each written atomically: the statistics CSV and figure, the model
+    (with --val_fraction, also as _best_model.pth while the epoch is the best on the validation
+    classes), the feature database and, last, the checkpoint: a checkpoint on disk means its epoch
+    is complete."""
     epoch = statistics[-1]['epoch']
     table = pd.DataFrame(statistics)
     with atomic_path(f'{name}_statistics.csv') as tmp:
         table.to_csv(tmp, index=False)
     plot_statistics(table, f'{name}_results.png')
-    save_torch_file({'model': training.model.state_dict(), 'proxies': training.loss_fn.state_dict(), 'epoch': epoch,
-                     'args': vars(args)}, f'{name}_model.pth')
+    model_file = {'model': training.model.state_dict(), 'proxies': training.loss_fn.state_dict(), 'epoch': epoch,
+                  'args': vars(args)}
+    save_torch_file(model_file, f'{name}_model.pth')
+    if args.val_fraction and best_epoch(statistics)[0] == epoch:  # the epoch to choose, kept beside the last
+        save_torch_file(model_file, f'{name}_best_model.pth')
     save_torch_file(build_database(data, embeddings, training.loss_fn.proxies, epoch, vars(args)),
                     f'{name}_data_base.pth')
     save_torch_file({**training.state_dict(), 'epoch': epoch, 'statistics': statistics, 'args': vars(args)},
@@ -528,10 +545,22 @@ def load_checkpoint(path, args):
     return checkpoint
 
 
+def finished_statistics(args):
+    """The statistics of this run if it has already trained its last epoch, else []."""
+    try:
+        statistics = pd.read_csv(f'{run_prefix(args)}_statistics.csv').to_dict('records')
+    except (OSError, ValueError):
+        return []
+    return statistics if statistics and statistics[-1]['epoch'] == args.num_epochs else []
+
+
 def resume(training, args, is_main):
     """(statistics so far, first epoch to run): from the checkpoint --resume names, else a fresh start."""
     path = checkpoint_path(args) if args.resume == 'auto' else args.resume
     if args.resume == 'auto' and not os.path.exists(path):
+        finished = finished_statistics(args)
+        if finished:  # it removed its checkpoint at its end (--keep_checkpoint keeps it)
+            return finished, args.num_epochs + 1
         if is_main:
             print(f'--resume auto: no checkpoint {path} yet, starting from epoch 0')
         return [], 0
@@ -599,12 +628,20 @@ def finish(args, data, embeddings, name, statistics):
     """The t-SNE map of the final test embeddings, once (it takes seconds), the run's summary and
     the list of files."""
     if embeddings is None:
-        print(f'{checkpoint_path(args)} is already past the last epoch ({args.num_epochs}); nothing to do')
+        print(f'{name} has already trained its last epoch ({args.num_epochs}); nothing to do')
         return
     plot_embedding_map(embeddings['test'], data.labels['test'], data.test_classes, f'{name}_embedding_map.png')
     print(summary(statistics, len(data.labels['query'] or data.labels['test'])))
+    kept = ['checkpoint.pth'] if args.keep_checkpoint else []
+    if args.val_fraction:
+        best, metric = best_epoch(statistics)
+        print(f'best epoch on the validation classes by {metric}: {best} (its network: {name}_best_model.pth)')
+        kept.append('best_model.pth')
+    if not args.keep_checkpoint:  # the largest file, needed only to continue the run
+        os.remove(checkpoint_path(args))
     print(f'saved {name}_{{statistics.csv,results.png,results.pdf,embedding_map.png,embedding_map.pdf,'
-          f'model.pth,data_base.pth,checkpoint.pth,args.json}}')
+          f'model.pth,data_base.pth,{",".join([*kept, "args.json"])}}}'
+          + ('' if args.keep_checkpoint else '; removed the resume checkpoint (--keep_checkpoint keeps it)'))
     print(f'query it: python test.py --data_base {name}_data_base.pth --query_img_name IMAGE_OR_FOLDER')
     print(f'  (or --random_queries 6: six test images at random); '
           f'the pages it writes: {os.path.join(queries_folder(f"{name}_data_base.pth"), "index.html")}')

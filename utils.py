@@ -314,7 +314,8 @@ def resolve_amp(name, device, bf16_pays_on_cpu=True):
 
 # Arguments that say where a run reads or writes, or how fast it goes, but not what it computes:
 # changing them keeps the run's name. Every other argument defines the run.
-NOT_RUN_DEFINING = ('data_path', 'output_dir', 'resume', 'num_workers', 'device', 'compile', 'run_name', 'offline')
+NOT_RUN_DEFINING = ('data_path', 'output_dir', 'resume', 'num_workers', 'device', 'compile', 'run_name', 'offline',
+                    'keep_checkpoint')
 # the readable head of every name: the seed's {data}_{backbone}_{loss}_{dim}_{epochs}
 NAME_FIELDS = ('data_name', 'backbone_type', 'loss_name', 'feature_dim', 'num_epochs')
 

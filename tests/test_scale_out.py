@@ -107,7 +107,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(small
 @pytest.mark.slow
 def test_resume_refuses_a_corrupt_or_mismatched_checkpoint(small_synthetic, tmp_path):
     out = tmp_path / 'run'
-    train.main(train_args(small_synthetic, out, '--num_epochs', '1'))
+    train.main(train_args(small_synthetic, out, '--num_epochs', '1', '--keep_checkpoint'))
     checkpoint = f'{prefix_of(train_args(small_synthetic, out, "--num_epochs", "1"))}_checkpoint.pth'
     with pytest.raises(ValueError, match=r'--lr 0\.001 there, 0\.01 now'):
         train.main(train_args(small_synthetic, out, '--num_epochs', '1', '--lr', '1e-2', '--resume', checkpoint))

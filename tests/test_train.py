@@ -163,3 +163,48 @@ def test_inshop_is_evaluated_query_to_gallery(tmp_path):
                         database['test_embeddings'], database['test_labels'], ('recall', 'map@r'))
     assert logged['recall@1'] == pytest.approx(expected['recall@1'])
     assert logged['map@r'] == pytest.approx(expected['map@r'])
+
+
+def small_run(data_path, output_dir, *extra):
+    """train.py's arguments for a run of seconds on small_synthetic, and the prefix of its files."""
+    argv = ['--data_path', data_path, '--data_name', 'synthetic', '--backbone_type', 'resnet18', '--pretrained', 'none',
+            '--image_size', '32', '--batch_size', '10', '--lr', '1e-3', '--num_epochs', '2', '--num_workers', '0',
+            '--output_dir', str(output_dir), *extra]
+    return argv, os.path.join(str(output_dir), train.parse_args(argv).run_name)
+
+
+@pytest.mark.slow
+def test_a_finished_run_removes_its_checkpoint_and_resume_auto_leaves_it_as_it_is(small_synthetic, tmp_path, capsys):
+    argv, prefix = small_run(small_synthetic, tmp_path)
+    train.main(argv)
+    assert 'removed the resume checkpoint' in capsys.readouterr().out
+    assert not os.path.exists(f'{prefix}_checkpoint.pth')
+    files = {kind: open(f'{prefix}_{kind}', 'rb').read() for kind in ('statistics.csv', 'model.pth', 'data_base.pth')}
+    # continuing the finished run finds nothing to do, and changes none of its files
+    train.main([*argv, '--resume', 'auto'])
+    assert 'has already trained its last epoch (2); nothing to do' in capsys.readouterr().out
+    assert files == {kind: open(f'{prefix}_{kind}', 'rb').read() for kind in files}
+    # --keep_checkpoint keeps it, under the same run name
+    kept, kept_prefix = small_run(small_synthetic, tmp_path / 'kept', '--keep_checkpoint')
+    train.main(kept)
+    assert os.path.basename(kept_prefix) == os.path.basename(prefix)
+    assert torch.load(f'{kept_prefix}_checkpoint.pth', weights_only=True)['epoch'] == 2
+
+
+@pytest.mark.slow
+def test_a_validation_run_keeps_its_best_epoch_beside_the_last(small_synthetic, tmp_path, capsys):
+    argv, prefix = small_run(small_synthetic, tmp_path, '--val_fraction', '0.4', '--num_epochs', '4')
+    train.main(argv)
+    statistics = pd.read_csv(f'{prefix}_statistics.csv').set_index('epoch')
+    trained = statistics['recall@1'].drop(0)
+    best = int(trained.idxmax())  # the earliest of the best
+    assert f'best epoch on the validation classes by recall@1: {best}' in capsys.readouterr().out
+    saved = torch.load(f'{prefix}_best_model.pth', weights_only=True)
+    assert saved['epoch'] == best
+    # it holds that epoch's network: embedding the validation images with it gives that epoch's R@1
+    model, database = Model.from_file(f'{prefix}_best_model.pth'), torch.load(f'{prefix}_data_base.pth', weights_only=True)
+    embeddings = embed_images(model, database['test_images'], 32, 10, progress=False,
+                              amp_dtype=AMP_DTYPES[model.run_args['amp']])
+    assert evaluate(embeddings, database['test_labels'], (1,), metrics=('recall',))['recall@1'] == \
+        pytest.approx(statistics.loc[best, 'recall@1'])
+    assert torch.load(f'{prefix}_model.pth', weights_only=True)['epoch'] == 4
