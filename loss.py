@@ -79,9 +79,10 @@ def positive_pairs(labels, num_classes, dtype):
 
 
 def class_counts(labels, num_classes):
-    """n_j, the embeddings of each class in the batch (not bincount, which reads the labels' largest
+    """n_j, the embeddings of each class in the batch (not by bincount, which reads the labels' largest
     value back to the host, so waits for the device)."""
-    return positive_pairs(labels, num_classes, torch.int64).sum(dim=0)
+    counts = torch.zeros(num_classes, dtype=labels.dtype, device=labels.device)
+    return counts.index_add_(0, labels, torch.ones_like(labels))
 
 
 def positive_class_mean(labels, num_classes, dtype):
