@@ -3,6 +3,7 @@ step and the epoch's running sums read nothing back to the host (on a GPU each r
 queue of work); the sums are read every log_every steps and at the epoch's end, where a non-finite
 loss stops the run, and they add up to what per-step reads gave."""
 import collections
+import contextlib
 import re
 
 import pytest
@@ -39,13 +40,13 @@ class HostReads(TorchDispatchMode):
 
 
 def small_training(loss_name, *flags):
-    """resnet18 (16-d) over 5 classes in fp32 on the CPU, with a warm-up epoch and gradient clipping,
-    so that a step in epoch 1 and one in epoch 2 take every branch of train.step."""
+    """resnet18 (16-d) over 5 classes in fp32, on the CPU unless flags say otherwise, with a warm-up
+    epoch and gradient clipping, so that a step in epoch 1 and one in epoch 2 take every branch of train.step."""
     torch.manual_seed(0)
     args = train.parse_args(['--backbone_type', 'resnet18', '--pretrained', 'none', '--feature_dim', '16',
                              '--loss_name', loss_name, '--num_epochs', '3', '--device', 'cpu', '--amp', 'none',
                              '--warmup_epochs', '1', '--clip_grad', '1', *flags])
-    return train.build_training(args, NUM_CLASSES, torch.device('cpu'))
+    return train.build_training(args, NUM_CLASSES, torch.device(args.device))
 
 
 def batches(sizes, seed=0):
@@ -54,13 +55,29 @@ def batches(sizes, seed=0):
              torch.randint(NUM_CLASSES, (size,), generator=generator)) for size in sizes]
 
 
+@contextlib.contextmanager
+def cuda_syncs_are_errors(device):
+    """On CUDA, any call that waits for the GPU raises (torch.cuda.set_sync_debug_mode), whatever operator
+    it hides in; on the CPU, nothing."""
+    if device.type != 'cuda':
+        yield
+        return
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
 @pytest.mark.parametrize('loss_name', LOSSES)
-def test_a_training_step_reads_nothing_back_from_the_device(loss_name):
-    training = small_training(loss_name)
+def test_a_training_step_reads_nothing_back_from_the_device(loss_name, device):
+    training = small_training(loss_name, '--device', device.type)
     training.trainer.train()
-    sums = train.EpochSums(NUM_CLASSES, torch.device('cpu'), world_size=1, epoch=1)
-    with HostReads() as reads:
-        for epoch, (images, labels) in zip((1, 2, 2), batches([6, 6, 6])):  # warm-up, first and later AdamW steps
+    sums = train.EpochSums(NUM_CLASSES, device, world_size=1, epoch=1)
+    loader = [(images.to(device, memory_format=training.memory_format), labels.to(device))
+              for images, labels in batches([6, 6, 6])]
+    with HostReads() as reads, cuda_syncs_are_errors(device):
+        for epoch, (images, labels) in zip((1, 2, 2), loader):  # warm-up, first and later AdamW steps
             sums.add(*train.train_step(training, images, labels, epoch), len(labels))
     assert not reads.counts, f'{loss_name}: {dict(reads.counts)}'
     assert training.optimizer.state[training.loss_fn.proxies]['step'] == 3  # it did step
