@@ -16,6 +16,9 @@ which part of G each side gets (`GRADIENT_RULES`):
 positive_proxy is the method ("learning proxies with only positive embeddings"): proxy j learns
 only from the batch's embeddings of class j, dL/dp_j = (1/n_j) sum_{i: y_i = j} G_ij f_i, and
 negatives never move it. positive_pull, the opposite side, is kept as an ablation.
+
+Under torchrun every process computes the loss of the global batch (global_batch), so each loss
+gives the network and the proxies the gradient one process gets on the whole batch.
 """
 import torch
 import torch.distributed as dist
@@ -31,18 +34,55 @@ def at_least_fp32(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def class_counts(labels, num_classes):
-    """n_j, the embeddings of each class in the batch; under torchrun, in the global batch, so that
-    the proxies' gradient, averaged over the processes by DDP, is the one of the whole batch."""
-    counts = torch.bincount(labels, minlength=num_classes)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
-    return counts
+def distributed_world_size():
+    """The number of torchrun processes training together; 1 alone."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GatherWithGradient(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order, the same tensor on every rank. Its backward
+    sums the gradients that all ranks send to the gathered rows and returns this rank's slice: with
+    every rank computing the same loss L of the global batch, rank r's rows then get
+    world_size x dL/d(its rows), which DDP's average of the ranks' network gradients turns into the
+    gradient of L: the single-process one. (The proxies' gradients are the same on every rank.)"""
+
+    @staticmethod
+    def forward(ctx, rows):
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.rank, ctx.size = dist.get_rank(), len(rows)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: not autograd's buffer
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+
+
+def global_batch(embeddings, labels):
+    """The embeddings and labels of every torchrun process's share of the batch (the shares are equal:
+    train.py splits --batch_size evenly), the embeddings with their gradient; alone, the batch as it is.
+    So every rank computes the loss of the global batch, and its log-sum-exps and class counts are
+    those of one process on the whole batch."""
+    if distributed_world_size() == 1:
+        return embeddings, labels
+    label_parts = [torch.empty_like(labels) for _ in range(distributed_world_size())]
+    dist.all_gather(label_parts, labels.contiguous())
+    return GatherWithGradient.apply(embeddings), torch.cat(label_parts)
 
 
 def positive_pairs(labels, num_classes, dtype):
-    """1 on the pairs (i, y_i), 0 elsewhere."""
-    return F.one_hot(labels, num_classes).to(dtype)
+    """1 on the pairs (i, y_i), 0 elsewhere. (A comparison, not F.one_hot, which reads the labels'
+    range back to the host.)"""
+    return (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(dtype)
+
+
+def class_counts(labels, num_classes):
+    """n_j, the embeddings of each class in the batch (not by bincount, which reads the labels' largest
+    value back to the host, so waits for the device)."""
+    counts = torch.zeros(num_classes, dtype=labels.dtype, device=labels.device)
+    return counts.index_add_(0, labels, torch.ones_like(labels))
 
 
 def positive_class_mean(labels, num_classes, dtype):
@@ -99,7 +139,9 @@ class ProxyLoss(nn.Module):
         return torch.randn(num_classes, feature_dim) / feature_dim ** 0.5
 
     def forward(self, embeddings, labels):
-        embeddings = F.normalize(at_least_fp32(embeddings), dim=-1)
+        """L of the batch; under torchrun, of the global batch, on every rank."""
+        embeddings, labels = global_batch(at_least_fp32(embeddings), labels)  # gathered in fp32: exact sums
+        embeddings = F.normalize(embeddings, dim=-1)
         proxies = F.normalize(at_least_fp32(self.proxies), dim=-1)
         return self.loss(similarities(embeddings, proxies, labels, self.rule), labels)
 
@@ -140,8 +182,9 @@ class ProxyAnchorLoss(ProxyLoss):
         zero = cosines.new_zeros(1, cosines.shape[1])
         pull = torch.where(positive, -self.scale * (cosines - self.margin), -torch.inf)
         push = torch.where(positive, -torch.inf, self.scale * (cosines + self.margin))
-        with_positives = positive.any(dim=0)
-        pull_term = torch.logsumexp(torch.cat([pull, zero]), dim=0)[with_positives].sum() / with_positives.sum()
+        # a proxy without positives has log(1 + 0) = 0 there, so the sum over all proxies is the one
+        # over P+ (without a boolean index, which reads its count back to the host)
+        pull_term = torch.logsumexp(torch.cat([pull, zero]), dim=0).sum() / positive.any(dim=0).sum()
         push_term = torch.logsumexp(torch.cat([push, zero]), dim=0).sum() / cosines.shape[1]
         return pull_term + push_term
 

@@ -279,9 +279,11 @@ class Training:
 
 def build_optimizer(model, loss_fn, args):
     # the recipe of the proxy-based methods: AdamW, proxies learning 100x faster (step decay in build_training)
+    # fused (on CUDA and the CPU alike): one kernel, and no read of the step count back to the host,
+    # which the default single-tensor path does every step
     return torch.optim.AdamW([{'params': model.parameters(), 'lr': args.lr},
                               {'params': loss_fn.parameters(), 'lr': args.proxy_lr}],
-                             weight_decay=args.weight_decay)
+                             weight_decay=args.weight_decay, fused=True)
 
 
 @torch.no_grad()
@@ -418,15 +420,6 @@ def build_loaders(data, training, args, device, rank, world_size):
 # one epoch: train, evaluate, save
 
 
-def all_finite(loss, world_size):
-    """Whether the loss is finite on every rank: all ranks must stop at the same step, or the
-    others would wait forever for the one that left."""
-    finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if world_size > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
-
-
 def sync_buffers(model, world_size):
     """Each rank's BatchNorm statistics follow its own batches; rank 0's are the ones saved, so
     every rank embeds with them too (DDP itself broadcasts them before each training forward)."""
@@ -447,39 +440,77 @@ def step(training, epoch):
     training.scaler.update()
 
 
-def train_epoch(training, loader, epoch, progress=True):
+def train_step(training, images, labels, epoch):
+    """One optimizer step on a batch on the device: (its loss, its correct proxy predictions, the
+    proxies a gradient reached), left on the device: nothing here waits for the device's queue."""
+    loss, embeddings = training.trainer(images, labels)
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not flush to zero
+    # under a positive-only rule a proxy learns only in the batches that hold its class
+    reached = training.loss_fn.proxies.grad.ne(0).any(dim=1)
+    step(training, epoch)
+    return loss.detach(), (training.loss_fn.predict(embeddings) == labels).sum(), reached
+
+
+class EpochSums:
+    """An epoch's running sums, on the device so that adding a step's never waits for it: the loss
+    times the batch's size, the correct predictions, the non-finite losses, the proxies reached;
+    the images seen are known on the host. read() is where the host waits."""
+
+    def __init__(self, num_proxies, device, world_size, epoch):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.reached = torch.zeros(num_proxies, dtype=torch.bool, device=device)
+        self.seen, self.world_size, self.epoch, self.steps_read = 0, world_size, epoch, 0
+
+    def add(self, loss, correct, reached, batch_size):
+        self.sums += torch.stack([loss.double() * batch_size, correct.double(), (~loss.isfinite()).double()])
+        self.reached |= reached
+        self.seen += batch_size
+
+    def read(self, steps):
+        """(mean loss, accuracy) over every rank's share of the first `steps` steps, or FloatingPointError
+        naming the steps since the last read, one of which had a non-finite loss. Under torchrun every rank
+        reads at the same step and sees the same sums, so all stop together (a rank that left alone
+        would leave the others waiting forever)."""
+        totals = torch.cat([self.sums, self.sums.new_tensor([self.seen])])
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        loss, correct, non_finite, seen = totals.tolist()
+        if non_finite:
+            raise FloatingPointError(f'the loss became non-finite in epoch {self.epoch}, '
+                                     f'in one of its steps {self.steps_read + 1} to {steps}')
+        self.steps_read = steps
+        return loss / seen, correct / seen
+
+    def reached_share(self):
+        # DDP averages the proxies' gradient over the ranks, so every rank saw the same rows reached
+        return self.reached.double().mean().item()
+
+
+LOG_EVERY = 50  # steps between reads of the running sums: each read drains the device's queue
+
+
+def train_epoch(training, loader, epoch, progress=True, log_every=LOG_EVERY):
     """One pass over the loader's batches, then the learning-rate schedule's step:
     (mean loss, proxy-classification accuracy, share of the proxies that a gradient reached)
-    over every rank's share. A non-finite loss raises FloatingPointError before it reaches the weights."""
-    trainer, world_size = training.trainer, training.world_size
+    over every rank's share. The sums stay on the device and are read (for the progress bar) every
+    log_every steps and at the last; a non-finite loss raises FloatingPointError at the next read.
+    The weights it reached are in memory only: main keeps the previous epoch's files."""
+    trainer = training.trainer
     trainer.train()
     device = next(trainer.parameters()).device
-    total_loss, correct, seen = 0.0, 0, 0
-    # on the device, read once at the end: under a positive-only rule a proxy learns only in the
-    # batches that hold its class
-    reached = torch.zeros(len(training.loss_fn.proxies), dtype=torch.bool, device=device)
+    sums = EpochSums(len(training.loss_fn.proxies), device, training.world_size, epoch)
     bar = tqdm(loader, desc=f'train {epoch}/{training.num_epochs}', dynamic_ncols=True, disable=not progress)
-    for images, labels in bar:
+    for number, (images, labels) in enumerate(bar, 1):
         images = images.to(device, non_blocking=True, memory_format=training.memory_format)
         labels = labels.to(device, non_blocking=True)
-        loss, embeddings = trainer(images, labels)
-        if not all_finite(loss, world_size):
-            raise FloatingPointError(f'the loss became {loss.item()} in epoch {epoch}')
-        training.optimizer.zero_grad(set_to_none=True)
-        training.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not flush to zero
-        reached |= training.loss_fn.proxies.grad.ne(0).any(dim=1)
-        step(training, epoch)
-        total_loss += loss.item() * len(labels)
-        correct += (training.loss_fn.predict(embeddings) == labels).sum().item()
-        seen += len(labels)
-        bar.set_postfix(loss=f'{total_loss / seen:.4f}', acc=f'{100 * correct / seen:.2f}%')
+        sums.add(*train_step(training, images, labels, epoch), len(labels))
+        if number % log_every == 0 or number == len(loader):
+            loss, accuracy = sums.read(number)
+            bar.set_postfix(loss=f'{loss:.4f}', acc=f'{100 * accuracy:.2f}%')
     training.scheduler.step()
-    sync_buffers(training.model, world_size)
-    totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
-    if world_size > 1:  # the epoch's numbers over every rank's share
-        dist.all_reduce(totals)
-    # DDP averages the proxies' gradient over the ranks, so every rank saw the same rows reached
-    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), reached.double().mean().item()
+    sync_buffers(training.model, training.world_size)
+    return loss, accuracy, sums.reached_share()
 
 
 def evaluate_epoch(training, loaders, data, args, epoch, progress=True):

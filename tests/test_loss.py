@@ -205,16 +205,13 @@ def test_adamw_still_moves_a_proxy_whose_class_left_the_batch():
     torch.testing.assert_close(F.normalize(after[ABSENT], dim=-1), F.normalize(before[ABSENT], dim=-1))
 
 
-DDP_LOSSES = ('positive_proxy', 'positive_pull', 'normalized_softmax')
-
-
 def proxy_gradients_on_one_rank(rank, embeddings, proxies, labels, init_file, queue):
     """One of two gloo processes, as under torchrun: each loss inside DDP, half the batch each."""
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     try:
         half = slice(rank * len(labels) // 2, (rank + 1) * len(labels) // 2)
         grads = {}
-        for loss_name in DDP_LOSSES:
+        for loss_name in LOSSES:
             loss_fn = build_loss(loss_name, C, D, SCALE).double()
             with torch.no_grad():
                 loss_fn.proxies.copy_(proxies)
@@ -229,7 +226,8 @@ def proxy_gradients_on_one_rank(rank, embeddings, proxies, labels, init_file, qu
 @pytest.mark.slow
 def test_two_processes_give_the_proxies_the_gradient_of_the_whole_batch(tmp_path):
     """DDP over 2 gloo processes, each with half the batch: class counts differ between the halves
-    (class 0: 3 and 1, class 2: 0 and 2), so n_j must be counted over the global batch."""
+    (class 0: 3 and 1, class 2: 0 and 2), so n_j, and Proxy-Anchor's log-sum-exps, must be those of the
+    global batch."""
     embeddings, proxies, labels = batch(6, labels=[0, 0, 0, 1, 0, 2, 2, 1])
     context = mp.get_context('spawn')
     queue = context.Queue()
@@ -242,7 +240,7 @@ def test_two_processes_give_the_proxies_the_gradient_of_the_whole_batch(tmp_path
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    for loss_name in DDP_LOSSES:
+    for loss_name in LOSSES:
         _, _, whole_batch = gradients(loss_name, embeddings, proxies, labels)
         for rank in range(2):
             torch.testing.assert_close(torch.from_numpy(results[rank][loss_name]), whole_batch,
