@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +43,19 @@ def backbone_type(name):
     except ValueError as e:
         raise argparse.ArgumentTypeError(f'invalid choice: {e}') from None
     return name
+
+
+def usable_cpus():
+    """The CPUs this process may run on: its affinity (a job scheduler's or taskset's share of the
+    machine), where the system tells it."""
+    return os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else range(os.cpu_count())
+
+
+def default_num_workers(cpus, local_ranks, most=8):
+    """--num_workers' default: each of the local_ranks processes on this node its share of the
+    CPUs, so that the ranks' workers do not fight over them; 0 (loading in the process itself) where
+    there are more ranks than CPUs."""
+    return min(most, len(cpus) // max(local_ranks, 1))
 
 
 def build_parser():
@@ -101,7 +115,10 @@ def build_parser():
     add_device_argument(parser)
     add_amp_argument(parser)
     parser.add_argument('--compile', action='store_true', help='torch.compile the network')
-    parser.add_argument('--num_workers', type=Range(int, 0), default=min(8, os.cpu_count()), help='data loading processes')
+    parser.add_argument('--num_workers', type=Range(int, 0),
+                        default=default_num_workers(usable_cpus(), int(os.environ.get('LOCAL_WORLD_SIZE', 1))),
+                        help='data-loading processes of each training process; default: the CPUs this process may '
+                             "run on (its affinity) divided by torchrun's processes on this node, at most 8")
     parser.add_argument('--seed', type=Range(int, 0), default=0)
     parser.add_argument('--output_dir', default='results')
     parser.add_argument('--resume', default=None,
@@ -265,8 +282,19 @@ class Training:
     num_epochs: int = 1
     warmup_epochs: int = 0  # epochs in which the trunk does not learn
     clip_grad: float = 0.0  # the largest norm of the network's gradient; 0: no clipping
+    warmup_trainer: nn.Module | None = None  # what trains in the warm-up (trainer_for); None: the trainer
 
     STATE = ('model', 'optimizer', 'scheduler', 'scaler')
+
+    def trainer_for(self, epoch):
+        """What trains in this epoch. In the warm-up the pretrained trunk holds still while the new
+        head and proxies settle: it runs outside autograd, so no graph is kept through it and no
+        backward runs through it, and its gradients stay None (AdamW then neither updates nor decays
+        it); its BatchNorm layers behave as in any other epoch. Under DDP the warm-up has its own
+        wrapper, whose reducer holds only the head and proxies."""
+        warming_up = epoch <= self.warmup_epochs
+        self.model.trunk.requires_grad_(not warming_up)
+        return self.warmup_trainer if warming_up and self.warmup_trainer is not None else self.trainer
 
     def state_dict(self):
         return {'loss': self.loss_fn.state_dict(), **{key: getattr(self, key).state_dict() for key in self.STATE}}
@@ -311,18 +339,46 @@ def build_training(args, num_classes, device, world_size=1, memory_format=None):
     network = torch.compile(model) if args.compile else model
     amp_dtype = AMP_DTYPES[args.amp]
     loss_fn = build_loss(args.loss_name, num_classes, args.feature_dim, args.scale).to(device)
-    trainer = ProxyTraining(network, loss_fn, amp_dtype)
+    trainer, warmup_trainer = ProxyTraining(network, loss_fn, amp_dtype), None
     if world_size > 1:
-        trainer = DistributedDataParallel(trainer, device_ids=[device.index] if device.type == 'cuda' else None)
+        wrap = functools.partial(DistributedDataParallel, device_ids=[device.index] if device.type == 'cuda' else None)
+        if args.warmup_epochs:
+            # built while the trunk is out of autograd, as in the warm-up: a reducer that expected the
+            # trunk's gradients would wait for them forever (find_unused_parameters would instead
+            # search the graph at every step)
+            model.trunk.requires_grad_(False)
+            warmup_trainer = wrap(trainer)
+            model.trunk.requires_grad_(True)
+        trainer = wrap(trainer)
     optimizer = build_optimizer(model, loss_fn, args)
     return Training(model, network, loss_fn, trainer, optimizer,
                     scheduler=torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_gamma),
                     scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
                     amp_dtype=amp_dtype, memory_format=memory_format, world_size=world_size,
-                    num_epochs=args.num_epochs, warmup_epochs=args.warmup_epochs, clip_grad=args.clip_grad)
+                    num_epochs=args.num_epochs, warmup_epochs=args.warmup_epochs, clip_grad=args.clip_grad,
+                    warmup_trainer=warmup_trainer)
 
 # -----------------------------------------------------------------------------
 # data loading
+
+
+# more than any run's epochs, so no two ranks' streams meet, and small enough that 4096 ranks differ
+# in the low 32 bits of their seeds: all that torch's CPU generator (a Mersenne Twister) keeps of one
+RANK_SEED_STRIDE = 2 ** 20
+
+
+def epoch_seed(seed, epoch, rank=0):
+    """The seed of torch's generator in an epoch on a rank, from which its augmentations and its
+    DataLoader workers' seeds follow: each rank its own stream, rank 0 the one a single process
+    has always had."""
+    return seed * 1_000_003 + epoch + rank * RANK_SEED_STRIDE
+
+
+def start_epoch(train_loader, seed, epoch, rank=0):
+    """Every epoch's randomness (batch order, augmentations, worker seeds) follows from (seed,
+    epoch, rank) alone, so resuming after epoch e replays epoch e + 1 exactly."""
+    torch.manual_seed(epoch_seed(seed, epoch, rank))
+    train_loader.sampler.set_epoch(epoch)
 
 
 class ClassBalancedSampler(torch.utils.data.Sampler):
@@ -354,7 +410,7 @@ class ClassBalancedSampler(torch.utils.data.Sampler):
         return [label for label, indices in self.by_class.items() if len(indices) < self.samples_per_class]
 
     def global_batches(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))  # one order for all ranks
         order = lambda n: torch.randperm(n, generator=generator).tolist()  # noqa: E731
         classes, queue, cursor = sorted(self.by_class), [], {}
         for _ in range(self.num_batches):
@@ -428,11 +484,9 @@ def sync_buffers(model, world_size):
             dist.broadcast(buffer, src=0)
 
 
-def step(training, epoch):
-    """The optimizer step, with the fine-tuning recipe's warm-up and gradient clipping."""
-    if epoch <= training.warmup_epochs:  # the pretrained trunk holds still while the new head and proxies settle
-        for parameter in training.model.trunk.parameters():
-            parameter.grad = None  # AdamW skips it: no update, no weight decay
+def step(training):
+    """The optimizer step, with gradient clipping. A trunk held still by the warm-up has no
+    gradient (Training.trainer_for), and AdamW skips it."""
     if training.clip_grad:
         training.scaler.unscale_(training.optimizer)  # fp16: clip the true gradient, not the scaled one
         torch.nn.utils.clip_grad_norm_(training.model.parameters(), training.clip_grad)
@@ -440,15 +494,16 @@ def step(training, epoch):
     training.scaler.update()
 
 
-def train_step(training, images, labels, epoch):
-    """One optimizer step on a batch on the device: (its loss, its correct proxy predictions, the
-    proxies a gradient reached), left on the device: nothing here waits for the device's queue."""
-    loss, embeddings = training.trainer(images, labels)
+def train_step(training, trainer, images, labels):
+    """One optimizer step of trainer (Training.trainer_for the epoch) on a batch on the device: (its
+    loss, its correct proxy predictions, the proxies a gradient reached), left on the device:
+    nothing here waits for the device's queue."""
+    loss, embeddings = trainer(images, labels)
     training.optimizer.zero_grad(set_to_none=True)
     training.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not flush to zero
     # under a positive-only rule a proxy learns only in the batches that hold its class
     reached = training.loss_fn.proxies.grad.ne(0).any(dim=1)
-    step(training, epoch)
+    step(training)
     return loss.detach(), (training.loss_fn.predict(embeddings) == labels).sum(), reached
 
 
@@ -496,7 +551,7 @@ def train_epoch(training, loader, epoch, progress=True, log_every=LOG_EVERY):
     over every rank's share. The sums stay on the device and are read (for the progress bar) every
     log_every steps and at the last; a non-finite loss raises FloatingPointError at the next read.
     The weights it reached are in memory only: main keeps the previous epoch's files."""
-    trainer = training.trainer
+    trainer = training.trainer_for(epoch)  # in a warm-up epoch, without the trunk
     trainer.train()
     device = next(trainer.parameters()).device
     sums = EpochSums(len(training.loss_fn.proxies), device, training.world_size, epoch)
@@ -504,7 +559,7 @@ def train_epoch(training, loader, epoch, progress=True, log_every=LOG_EVERY):
     for number, (images, labels) in enumerate(bar, 1):
         images = images.to(device, non_blocking=True, memory_format=training.memory_format)
         labels = labels.to(device, non_blocking=True)
-        sums.add(*train_step(training, images, labels, epoch), len(labels))
+        sums.add(*train_step(training, trainer, images, labels), len(labels))
         if number % log_every == 0 or number == len(loader):
             loss, accuracy = sums.read(number)
             bar.set_postfix(loss=f'{loss:.4f}', acc=f'{100 * accuracy:.2f}%')
@@ -576,6 +631,36 @@ def load_checkpoint(path, args):
     return checkpoint
 
 
+def checkpoint_to_resume(args, rank=0, world_size=1, readable=os.path.isfile):
+    """The checkpoint the run continues from (None: a fresh start), the same on every rank.
+    Rank 0 decides: under --resume auto, whether its disk holds the run's checkpoint, under the name
+    and precision parse_args chose there; the other ranks take that name, precision and path. Then
+    every rank says whether it can read the file (readable(path)). Without a shared file system a
+    node lacking it would start at epoch 0 while rank 0 resumes, and the ranks would hang at their
+    first disagreement; instead every rank stops, each naming the ranks and hosts that lack it (each
+    node's torchrun prints only its own ranks' output)."""
+    path = checkpoint_path(args) if args.resume == 'auto' else args.resume
+    if args.resume == 'auto' and not readable(path):
+        path = None
+    if world_size == 1:
+        return path  # an explicit path that is not there: load_checkpoint says so
+    decided = [args.run_name, args.amp, path]
+    dist.broadcast_object_list(decided, src=0)
+    args.run_name, args.amp, path = decided
+    if path is None:
+        return None
+    readers = [None] * world_size
+    dist.all_gather_object(readers, (rank, socket.gethostname(), readable(path)))
+    lacking = [f'rank {other} (host {host})' for other, host, can in readers if not can]
+    if lacking:
+        where = ('--output_dir on a file system that every node shares' if args.resume == 'auto'
+                 else 'the checkpoint on a file system that every node shares')
+        raise FileNotFoundError(f'--resume {args.resume}: {" and ".join(lacking)} cannot read the checkpoint '
+                                f'{path}, which every process loads. Put {where}, or copy the file to that path '
+                                f'on every node')
+    return path
+
+
 def finished_statistics(args):
     """The statistics of this run if it has already trained its last epoch, else []."""
     try:
@@ -585,17 +670,19 @@ def finished_statistics(args):
     return statistics if statistics and statistics[-1]['epoch'] == args.num_epochs else []
 
 
-def resume(training, args, is_main):
-    """(statistics so far, first epoch to run): from the checkpoint --resume names, else a fresh start."""
-    path = checkpoint_path(args) if args.resume == 'auto' else args.resume
-    if args.resume == 'auto' and not os.path.exists(path):
-        finished = finished_statistics(args)
+def resume(training, path, args, is_main):
+    """(statistics so far, first epoch to run): from the checkpoint at `path` (checkpoint_to_resume),
+    else (None) a fresh start."""
+    if path is None:
+        finished = finished_statistics(args) if args.resume == 'auto' else []
+        if training.world_size > 1:  # rank 0's files decide, as they decide the checkpoint
+            decided = [finished]
+            dist.broadcast_object_list(decided, src=0)
+            finished = decided[0]
         if finished:  # it removed its checkpoint at its end (--keep_checkpoint keeps it)
             return finished, args.num_epochs + 1
-        if is_main:
-            print(f'--resume auto: no checkpoint {path} yet, starting from epoch 0')
-        return [], 0
-    if path is None:
+        if args.resume == 'auto' and is_main:
+            print(f'--resume auto: no checkpoint {checkpoint_path(args)} yet, starting from epoch 0')
         return [], 0
     checkpoint = load_checkpoint(path, args)
     training.load_state_dict(checkpoint)
@@ -682,6 +769,7 @@ def main(argv=None, amp_default='auto'):
     args = parse_args(argv, amp_default)
     rank, world_size, device = init_distributed(args)
     is_main = rank == 0  # only rank 0 prints, writes files and plots
+    checkpoint = checkpoint_to_resume(args, rank, world_size)  # first: it may set the run's precision
     torch.manual_seed(args.seed)  # the same initial network on every rank
 
     # data: labels index the sorted class names of each split; the test set is the gallery
@@ -699,7 +787,7 @@ def main(argv=None, amp_default='auto'):
     training = build_training(args, len(data.train_classes), device, world_size)
     train_loader, embed_loaders = build_loaders(data, training, args, device, rank, world_size)
     name = run_prefix(args)
-    statistics, first_epoch = resume(training, args, is_main)
+    statistics, first_epoch = resume(training, checkpoint, args, is_main)
     if is_main:
         announce(args, data, name, device, world_size, train_loader.sampler)
     if first_epoch == 0 and PROXY_INITS[args.proxy_init]:  # a fresh run; a resumed one has its proxies
@@ -707,10 +795,7 @@ def main(argv=None, amp_default='auto'):
 
     for epoch in range(first_epoch, args.num_epochs + 1):
         start = time.time()
-        # every epoch's randomness (augmentations, worker seeds) follows from (seed, epoch) alone,
-        # so resuming after epoch e replays epoch e + 1 exactly
-        torch.manual_seed(args.seed * 1_000_003 + epoch)
-        train_loader.sampler.set_epoch(epoch)
+        start_epoch(train_loader, args.seed, epoch, rank)
         # train; epoch 0 is the untrained network, the baseline every epoch is compared with
         try:
             loss, accuracy, reached = train_epoch(training, train_loader, epoch, is_main) if epoch else (math.nan,) * 3

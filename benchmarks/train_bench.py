@@ -6,6 +6,10 @@ Training throughput: how close does the real training loop come to the network's
   loop   train.train_epoch over the DataLoader train.build_loader makes for train.py, on the
          synthetic set on disk: JPEG decoding, RandomResizedCrop, flip and normalisation in
          --num_workers processes that restart every epoch, as train.py's do
+  warmup (--warmup, instead of the above) a step of a warm-up epoch (--warmup_epochs: the trunk
+         held still, outside autograd) against a normal step: train.train_epoch over batches in
+         memory, Proxy-Anchor (whose recipe warms up), the trunk's BatchNorm frozen as it is with
+         --pretrained weights; warm-up and normal epochs in turns
 
 Both take the network, loss, optimizer and loader from train.py's own functions and defaults
 (train.parse_args), so the compute is the same and only where the batches come from differs.
@@ -13,6 +17,7 @@ The target: the loop reaches at least 85% of the pure rate on 2 CPU cores, resne
 
     python benchmarks/train_bench.py                     # resnet18, 112 px, batch 64, workers 0,1,2
     python benchmarks/train_bench.py --source_size 500 --max_size 128  # CUB-sized sources, data_utils --max_size
+    python benchmarks/train_bench.py --warmup --batch_size 16  # warm-up step / normal step, about a minute
 
 The defaults take about 4.5 minutes on 2 idle cores. Each worker setting gets one warm-up epoch,
 then --epochs timed epochs, each next to a pure round of as many steps, so that a machine whose
@@ -33,7 +38,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from data_utils import load_splits, prepare_synthetic, split_path  # noqa: E402
-from model import BACKBONES, preferred_memory_format  # noqa: E402
+from model import BACKBONES, backbone_spec, preferred_memory_format  # noqa: E402
 from utils import add_device_argument, atomic_path, build_transforms, flatten_split, read_rgb, resolve_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:3]),
@@ -50,8 +55,82 @@ parser.add_argument('--source_size', type=int, default=64,
                     help="side of the synthetic images generated (data_utils' --image_size); 64 is its default")
 parser.add_argument('--max_size', type=int, help="train on data_utils' --max_size copies of the images")
 parser.add_argument('--out', help='also write the Markdown table to this file (atomically)')
+parser.add_argument('--warmup', action='store_true', help='time a warm-up step against a normal step instead')
+parser.add_argument('--steps', type=int, default=5, help='--warmup: steps per timed epoch')
 args = parser.parse_args()
 workers_list = [int(w) for w in args.num_workers.split(',')]
+load_before = os.getloadavg()
+
+
+def timed(run):
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def write_table(header, rows):
+    """The header, the load average at the start and now, then the rows: printed, and written to --out."""
+    load_after = os.getloadavg()
+    table = '\n'.join([
+        header,
+        f'load average (1, 5, 15 min) before {", ".join(f"{v:.2f}" for v in load_before)}, '
+        f'after {", ".join(f"{v:.2f}" for v in load_after)}',
+        '', *rows, ''])
+    print('\n' + table)
+    if args.out:
+        with atomic_path(args.out) as tmp_path, open(tmp_path, 'w') as f:  # a crash mid-write keeps any previous table
+            f.write(table)
+
+
+def cpu_name():
+    with open('/proc/cpuinfo') as f:
+        return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), 'CPU')
+
+# -----------------------------------------------------------------------------
+# --warmup: what a warm-up step costs against a normal one
+
+
+WARMUP_CLASSES = 100  # CUB's training classes: as many proxies as a real run's
+
+
+def warmup_step_times(folder):
+    """(seconds per warm-up step, per normal step, their ratio): medians over --epochs rounds, each
+    one warm-up epoch (1) and one normal epoch (2) of --steps steps, after one untimed round."""
+    spec = backbone_spec(args.backbone_type)
+    weights = os.path.join(folder, 'weights.pth')  # random, but --pretrained: its BatchNorm is frozen
+    torch.save(spec.build().state_dict(), weights)
+    targs = train.parse_args(['--backbone_type', args.backbone_type, '--pretrained', weights, '--loss_name',
+                              'proxy_anchor', '--warmup_epochs', '1', '--image_size', str(args.image_size),
+                              '--batch_size', str(args.batch_size), '--amp', args.amp, '--device', args.device])
+    device = torch.device(targs.device)
+    training = train.build_training(targs, WARMUP_CLASSES, device)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(WARMUP_CLASSES, (args.batch_size,), device=device)
+    batches = [(images.to(memory_format=training.memory_format), labels)] * args.steps
+    warm_up, normal = [], []
+    for round_ in range(args.epochs + 1):
+        seconds = [timed(lambda: train.train_epoch(training, batches, epoch, progress=False)) / args.steps
+                   for epoch in (1, 2)]
+        if round_:
+            warm_up.append(seconds[0])
+            normal.append(seconds[1])
+    return (statistics.median(warm_up), statistics.median(normal),
+            statistics.median(w / n for w, n in zip(warm_up, normal)))
+
+
+if args.warmup:
+    with tempfile.TemporaryDirectory() as folder:
+        warm_up, normal, ratio = warmup_step_times(folder)
+    write_table(f'torch {torch.__version__} on '
+                f'{torch.cuda.get_device_name() if resolve_device(args.device) == "cuda" else cpu_name()}, '
+                f'{os.cpu_count()} cores, {torch.get_num_threads()} torch threads; median of {args.epochs} rounds of '
+                f'{args.steps} steps per epoch, after 1 untimed round',
+                ['| backbone | size | batch | precision | loss | normal step ms | warm-up step ms | warm-up / normal |',
+                 '|---|---:|---:|---|---|---:|---:|---:|',
+                 f'| {args.backbone_type} | {args.image_size} | {args.batch_size} | '
+                 f'{"fp32" if args.amp == "none" else args.amp} | proxy_anchor | {1000 * normal:.0f} | '
+                 f'{1000 * warm_up:.0f} | {ratio:.2f} |'])
+    sys.exit()
 
 # -----------------------------------------------------------------------------
 # data: the synthetic set on disk, its train split as train.py reads it
@@ -72,12 +151,6 @@ decoded = read_rgb(train_images[0]).size
 # train.py lays images out in preferred_memory_format(device, backbone): channels-last for CNNs.
 # Asking build_training for another layout measures what that choice buys.
 MEMORY_FORMATS = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}
-
-
-def timed(run):
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def measure(backbone_type, image_size, amp, layout):
@@ -127,7 +200,6 @@ configurations = [(args.backbone_type, args.image_size, args.amp, 'auto')]
 if device_type == 'cuda':
     configurations += [('resnet50', 224, amp, layout) for amp in ('none', 'bf16')
                        for layout in ('contiguous', 'channels_last')]
-load_before = os.getloadavg()
 header = (f'torch {torch.__version__} on {torch.cuda.get_device_name() if device_type == "cuda" else "CPU"}, '
           f'{os.cpu_count()} cores, {torch.get_num_threads()} torch threads; synthetic set: '
           f'{len(train_images)} train images decoded at {decoded[0]}x{decoded[1]}'
@@ -143,17 +215,5 @@ for backbone_type, image_size, amp, layout in configurations:
         rows.append(f'| {backbone_type} | {image_size} | {args.batch_size} | {"fp32" if amp == "none" else amp} | '
                     f'{layout} | {workers} | {pure:.1f} | {loop:.1f} | {loop / pure:.2f} | '
                     f'{"yes" if loop >= 0.85 * pure else "no"} |')
-load_after = os.getloadavg()
-
-table = '\n'.join([
-    header,
-    f'load average (1, 5, 15 min) before {", ".join(f"{v:.2f}" for v in load_before)}, '
-    f'after {", ".join(f"{v:.2f}" for v in load_after)}',
-    '',
-    '| backbone | size | batch | precision | layout | workers | pure img/s | loop img/s | loop / pure | ≥ 85% |',
-    '|---|---:|---:|---|---|---:|---:|---:|---:|---|',
-    *rows, ''])
-print('\n' + table)
-if args.out:
-    with atomic_path(args.out) as tmp_path, open(tmp_path, 'w') as f:  # a crash mid-write keeps any previous table
-        f.write(table)
+write_table(header, ['| backbone | size | batch | precision | layout | workers | pure img/s | loop img/s | loop / pure '
+                     '| ≥ 85% |', '|---|---:|---:|---|---|---:|---:|---:|---:|---|', *rows])

@@ -2,13 +2,19 @@
 a tiny untrained model file; the devices to run device-dependent tests on (CUDA too, where there is one).
 Every test runs in an empty folder of its own, and the suite fails if any test changed the
 repository's results/ or data/, where the user's own runs and data sets live."""
+import datetime
 import glob
 import importlib
 import os
+import pickle
+import queue
 import shutil
+import traceback
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import data_utils
 import train
@@ -142,3 +148,49 @@ def write_tiny_run(output_dir, backbone_type):
 def tiny_run(tmp_path_factory):
     """resnet18, untrained (write_tiny_run)."""
     return write_tiny_run(str(tmp_path_factory.mktemp('tiny_run')), 'resnet18')
+
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)  # a collective the other rank never joins raises after it
+
+
+def rank_process(target, rank, init_file, results, args):
+    """One of on_two_ranks' processes: in the gloo group, target(rank, *args); its result or its
+    traceback, pickled by value (the process may end before the test reads it)."""
+    torch.set_num_threads(1)  # two processes share the cores, as under torchrun's OMP_NUM_THREADS=1
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2,
+                            timeout=COLLECTIVE_TIMEOUT)
+    try:
+        results.put((rank, pickle.dumps(target(rank, *args)), None))
+    except BaseException:
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_ranks(target, folder, *args, timeout=300):
+    """{rank: target(rank, *args)} from two fresh processes joined in a gloo group, as torchrun's two
+    ranks on the CPU. target: a module-level function (the processes are spawned); folder: an empty
+    folder for the group's rendezvous file. A rank's exception fails the test with its traceback (a
+    collective that the other rank never joins raises one), and a rank that does not answer within
+    `timeout` seconds fails it too."""
+    context = mp.get_context('spawn')
+    results = context.Queue()
+    processes = [context.Process(target=rank_process, args=(target, rank, folder / 'rendezvous', results, args))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    try:
+        returned = {}
+        for _ in processes:
+            rank, value, error = results.get(timeout=timeout)
+            if error:
+                pytest.fail(f'rank {rank} failed:\n{error}')
+            returned[rank] = pickle.loads(value)
+        return returned
+    except queue.Empty:
+        pytest.fail(f'no answer from rank(s) {sorted({0, 1} - returned.keys())} within {timeout} s: hung')
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()

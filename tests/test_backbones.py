@@ -304,12 +304,14 @@ def vit_training(*flags):
 
 
 def one_step(training, epoch, scale=1.0):
-    """One train.step after the gradient of a proxy loss (times scale); the change of every parameter."""
+    """One train.step after the gradient of a proxy loss (times scale) in the given epoch, through
+    what trains in it (Training.trainer_for); the change of every parameter."""
     named = [*training.model.named_parameters(), *training.loss_fn.named_parameters()]
     before = {n: p.detach().clone() for n, p in named}
     training.optimizer.zero_grad(set_to_none=True)
-    (scale * training.loss_fn(training.model(images(32, batch=4)), torch.arange(4))).backward()
-    train.step(training, epoch)
+    loss, _ = training.trainer_for(epoch)(images(32, batch=4), torch.arange(4))
+    (scale * loss).backward()
+    train.step(training)
     return {n: p.detach() - before[n] for n, p in named}
 
 

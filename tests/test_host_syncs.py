@@ -78,7 +78,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(loss_name, device):
               for images, labels in batches([6, 6, 6])]
     with HostReads() as reads, cuda_syncs_are_errors(device):
         for epoch, (images, labels) in zip((1, 2, 2), loader):  # warm-up, first and later AdamW steps
-            sums.add(*train.train_step(training, images, labels, epoch), len(labels))
+            sums.add(*train.train_step(training, training.trainer_for(epoch), images, labels), len(labels))
     assert not reads.counts, f'{loss_name}: {dict(reads.counts)}'
     assert training.optimizer.state[training.loss_fn.proxies]['step'] == 3  # it did step
 
@@ -101,7 +101,7 @@ def per_step_reads(training, loader, epoch):
     correct count read back at once and summed on the host."""
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
-        loss, right, _ = train.train_step(training, images, labels, epoch)
+        loss, right, _ = train.train_step(training, training.trainer_for(epoch), images, labels)
         total_loss += loss.item() * len(labels)
         correct += right.item()
         seen += len(labels)
