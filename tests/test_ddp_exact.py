@@ -3,10 +3,9 @@ DDP-wrapped ProxyTraining, each on half of a batch, give the network and the pro
 that one process computes on the whole batch, for every loss."""
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import train
+from conftest import on_two_ranks
 from loss import LOSSES
 
 NUM_CLASSES, FEATURE_DIM, IMAGE_SIZE = 6, 16, 16
@@ -50,34 +49,18 @@ def relative_difference(got, want):
     return float((got - want).norm() / want.norm())
 
 
-def gradients_on_one_rank(rank, init_file, queue):
+def gradients_on_one_rank(rank):
     """One of two gloo processes, as under torchrun: every loss, on this rank's half of the batch."""
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
-    try:
-        images, labels = batch()
-        half = slice(rank * len(labels) // 2, (rank + 1) * len(labels) // 2)
-        results = {loss_name: {side: grad.numpy() for side, grad in  # by value: this process ends before it is read
-                               gradients(training_for(loss_name, 2), images[half], labels[half]).items()}
-                   for loss_name in LOSSES}
-        queue.put((rank, results))
-    finally:
-        dist.destroy_process_group()
+    images, labels = batch()
+    half = slice(rank * len(labels) // 2, (rank + 1) * len(labels) // 2)
+    return {loss_name: {side: grad.numpy() for side, grad in  # by value: this process ends before it is read
+                        gradients(training_for(loss_name, 2), images[half], labels[half]).items()}
+            for loss_name in LOSSES}
 
 
 @pytest.fixture(scope='module')
 def two_rank_gradients(tmp_path_factory):
-    context = mp.get_context('spawn')
-    queue = context.Queue()
-    init_file = tmp_path_factory.mktemp('gloo') / 'init'
-    processes = [context.Process(target=gradients_on_one_rank, args=(rank, init_file, queue)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    results = dict(queue.get(timeout=600) for _ in processes)
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
-    return results
+    return on_two_ranks(gradients_on_one_rank, tmp_path_factory.mktemp('gloo'), timeout=600)
 
 
 @pytest.mark.slow
