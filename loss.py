@@ -201,19 +201,17 @@ LOSSES = tuple(GRADIENT_RULES)
 
 # train.py defaults that differ per loss (on top of the backbone family's recipe); where from:
 # Proxy-Anchor's official repository trains one warm-up epoch (--warm 1) in which only the new
-# embedding layer and the proxies learn
-RECIPES = {'proxy_anchor': {'warmup_epochs': 1}, 'positive_proxy_anchor': {'warmup_epochs': 1}}
-# and those of a network trained from scratch (--pretrained none): there every class's mean embedding
-# shares one common direction, and proxies that follow only their own class's embeddings all turn
-# towards it; centring the embeddings removes it (docs/results.md#proxy-collapse-from-scratch)
-# (it costs Proxy-Anchor's two, which keep none)
-FROM_SCRATCH_RECIPES = {'positive_proxy': {'embedding_norm': 'batchnorm'}}
+# embedding layer and the proxies learn. positive_proxy centres the embeddings: every class's mean
+# embedding shares one common direction, strongest from scratch but there from ImageNet weights
+# too, and proxies that follow only their own class's embeddings all turn towards it
+# (docs/results.md#proxy-collapse-from-scratch); centring costs Proxy-Anchor's two, which keep none
+RECIPES = {'proxy_anchor': {'warmup_epochs': 1}, 'positive_proxy_anchor': {'warmup_epochs': 1},
+           'positive_proxy': {'embedding_norm': 'batchnorm'}}
 
 
-def loss_recipe(loss_name, pretrained='imagenet'):
-    """The train.py defaults that loss_name sets (empty for most losses), from scratch too."""
-    from_scratch = FROM_SCRATCH_RECIPES.get(loss_name, {}) if pretrained == 'none' else {}
-    return {**RECIPES.get(loss_name, {}), **from_scratch}
+def loss_recipe(loss_name):
+    """The train.py defaults that loss_name sets (empty for most losses)."""
+    return RECIPES.get(loss_name, {})
 
 
 def build_loss(loss_name, num_classes, feature_dim, scale=32.0):

@@ -161,7 +161,7 @@ def parse_args(argv=None, amp_default='auto'):
     # the backbone's family (model.FAMILIES) and the loss (loss.RECIPES) set the recipe defaults: parse
     # once to learn them, then for real; the run is named against these defaults
     first = parser.parse_known_args(argv)[0]
-    parser.set_defaults(**{**recipe(first.backbone_type), **loss_recipe(first.loss_name, first.pretrained)}, amp=amp_default)
+    parser.set_defaults(**{**recipe(first.backbone_type), **loss_recipe(first.loss_name)}, amp=amp_default)
     args = parser.parse_args(argv)
     precision_chosen = args.amp == 'auto'
     args, defaults = checked(parser, args), vars(checked(parser, parser.parse_args([])))
