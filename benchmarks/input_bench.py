@@ -23,9 +23,9 @@ import sys
 import tempfile
 import time
 
-import measure  # noqa: F401  (puts the repository root on sys.path)
+from measure import pin_threads  # beside this script; puts the repo root on sys.path
 
-measure.pin_threads(1)
+pin_threads(1)  # a worker's share: one thread
 
 import torch  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
@@ -36,7 +36,7 @@ from utils import IMAGE_EXTENSIONS, build_transforms, read_image, read_rgb  # no
 
 parser = argparse.ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:3]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--images', required=True, help='a folder of images (JPEGs, as the benchmarks data sets hold)')
+parser.add_argument('--images', required=True, help='a folder of images (the data sets\' JPEGs)')
 parser.add_argument('--count', type=int, default=300, help='how many of its images, the first by name')
 parser.add_argument('--backbone_type', default='resnet50')
 parser.add_argument('--image_size', type=int, default=224)
@@ -69,6 +69,13 @@ def shrunk_copies(paths, max_size, folder):
     return copies
 
 
+def mean_pixels(paths):
+    def pixels(path):
+        with Image.open(path) as image:  # the header only: nothing decoded
+            return image.width * image.height
+    return sum(map(pixels, paths)) / len(paths)
+
+
 def ms_per_image(load, transform, paths):
     """Best of --rounds passes of transform(load(path)) over paths, after one untimed pass; and the
     last output's dtype and bytes per image."""
@@ -89,11 +96,11 @@ if not paths:
     sys.exit(f'error: no images in {args.images}')
 spec = backbone_spec(args.backbone_type)
 new_transform = build_transforms(spec, args.image_size)[0]
-pixels = sum(read_rgb(p).width * read_rgb(p).height for p in paths) / len(paths)
+pixels = mean_pixels(paths)
 
 with tempfile.TemporaryDirectory() as folder:
     copies = shrunk_copies(paths, args.max_size, folder)
-    copy_pixels = sum(read_rgb(p).width * read_rgb(p).height for p in copies) / len(copies)
+    copy_pixels = mean_pixels(copies)
     rows = [('old: PIL + float32 normalise', f'{pixels / 1e3:.0f}k', ms_per_image(read_rgb, old_transform(
                 spec, args.image_size), paths)),
             ('new: decode_jpeg + v2, uint8', f'{pixels / 1e3:.0f}k', ms_per_image(read_image, new_transform, paths)),
@@ -107,9 +114,10 @@ print(f'torch {torch.__version__}, {cpu}, {os.cpu_count()} cores, 1 torch thread
       f'best of {args.rounds} rounds after 1 untimed')
 print(f'load average (1, 5, 15 min) before {", ".join(f"{v:.2f}" for v in load_before)}, '
       f'after {", ".join(f"{v:.2f}" for v in load_after)}'
-      + (' (another process was busy on the cores)' if max(load_before[0], load_after[0]) > 0.5 else ''))
+      # this process adds about 1 to the load of its own while it runs
+      + (' (another process was busy on the cores)' if load_before[0] > 0.5 or load_after[0] > 1.5 else ''))
 print(f'\n| path | mean pixels | ms / image | {args.workers} workers, images/s | batch of {args.batch_size} | '
       f'MB / batch |\n|---|---:|---:|---:|---|---:|')
-for name, mean_pixels, (ms, dtype, nbytes) in rows:
-    print(f'| {name} | {mean_pixels} | {ms:.2f} | {args.workers * 1000 / ms:.0f} | {str(dtype).removeprefix("torch.")} '
+for name, size, (ms, dtype, nbytes) in rows:
+    print(f'| {name} | {size} | {ms:.2f} | {args.workers * 1000 / ms:.0f} | {str(dtype).removeprefix("torch.")} '
           f'| {args.batch_size * nbytes / 1e6:.1f} |')
