@@ -11,32 +11,30 @@ import os
 
 import numpy as np
 import torch
-import torchvision.transforms as T
+from torchvision.transforms import v2
 
 from model import Model
-from utils import HelpFormatter, ToBGR255, atomic_path, build_transforms, run_script
+from utils import HelpFormatter, atomic_path, build_transforms, run_script
 
 EXPORT_REQUIREMENTS = 'requirements-export.txt'
 EXPORT_TOLERANCE = 1e-4  # largest |onnxruntime - PyTorch| per embedding coordinate
 # Each step of the test transform as the exported file's users must repeat it, keyed by its type:
-# read off the transform build_transforms() makes, so the description cannot drift from it.
+# read off the transform build_transforms() makes, so the description cannot drift from it. The
+# normalisation is not among them: the network does it (model.InputConvention), in the file too.
 PREPROCESSING_STEPS = {
-    T.Resize: lambda t: {'step': 'resize', 'shorter_side': t.size, 'interpolation': t.interpolation.value,
-                         'antialias': t.antialias},
-    T.CenterCrop: lambda t: {'step': 'center_crop', 'height': t.size[0], 'width': t.size[1]},
-    T.ToTensor: lambda t: {'step': 'to_tensor', 'does': 'RGB uint8 HWC 0-255 -> float32 CHW 0-1'},
-    ToBGR255: lambda t: {'step': 'bgr_255', 'does': 'channels reversed (RGB -> BGR), then times 255'},
-    T.Normalize: lambda t: {'step': 'normalize', 'mean': list(t.mean), 'std': list(t.std),
-                            'does': '(x - mean) / std, per channel'},
+    v2.Resize: lambda t: {'step': 'resize', 'shorter_side': t.size[0], 'interpolation': t.interpolation.value,
+                          'antialias': t.antialias},
+    v2.CenterCrop: lambda t: {'step': 'center_crop', 'height': t.size[0], 'width': t.size[1]},
 }
 
 
 def preprocessing(backbone_spec, image_size, feature_dim):
     """How an image file becomes the exported network's input, and what comes out: a JSON-able dict."""
     test_transform = build_transforms(backbone_spec, image_size)[1]
-    return {'decode': 'PIL.Image.open(path).convert("RGB")',
+    return {'decode': 'RGB, 8 bits per channel (PIL: Image.open(path).convert("RGB"))',
             'steps': [PREPROCESSING_STEPS[type(step)](step) for step in test_transform.transforms],
-            'input': {'name': 'images', 'dtype': 'float32', 'shape': ['batch', 3, image_size, image_size]},
+            'input': {'name': 'images', 'dtype': 'uint8', 'shape': ['batch', 3, image_size, image_size],
+                      'does': 'RGB 0-255, channels first; the network applies its mean and std itself'},
             'output': {'name': 'embeddings', 'dtype': 'float32', 'shape': ['batch', feature_dim],
                        'does': 'L2-normalised: cosine similarity is the dot product'}}
 
@@ -90,7 +88,8 @@ def export(model_path, export_format, out=None):
                    'run': {key: run.get(key) for key in ('run_name', 'backbone_type', 'pooling', 'feature_dim',
                                                           'image_size')} | {'model_file': os.path.basename(model_path)}}
     torch.manual_seed(0)  # a batch of 2: the exporter needs more than one row to keep the batch size dynamic
-    difference = write(model, torch.randn(2, 3, run['image_size'], run['image_size']), description, out)
+    example = torch.randint(0, 256, (2, 3, run['image_size'], run['image_size']), dtype=torch.uint8)
+    difference = write(model, example, description, out)
     sidecar = os.path.splitext(out)[0] + '_preprocessing.json'
     with atomic_path(sidecar) as tmp, open(tmp, 'w') as f:
         json.dump(description, f, indent=2)

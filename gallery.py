@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from model import embed_images
-from utils import (IMAGE_EXTENSIONS, load_torch_file, nearest_neighbours, read_rgb, save_torch_file,
-                   stored_run_name)
+from utils import (IMAGE_EXTENSIONS, UnreadableImage, load_torch_file, nearest_neighbours, read_image,
+                   save_torch_file, stored_run_name)
 
 
 class Query(NamedTuple):
@@ -50,10 +50,12 @@ def embed_queries(model, paths, desc='embed queries', progress=True, amp_dtype=N
 
 
 def why_unreadable(path):
-    """None for an image that decodes, else the reason it does not."""
+    """None for an image that decodes as the network's input is decoded, else the reason it does not."""
     try:
-        read_rgb(path)
-    except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError... by file
+        read_image(path)
+    except UnreadableImage as e:
+        return e.reason
+    except OSError as e:  # not opened: gone, or not a file
         return f'{type(e).__name__}: {e}'
     return None
 

@@ -66,10 +66,10 @@ class Backbone:
     # offline -> path of the ImageNet file on this machine, downloaded first when absent unless
     # offline; FileNotFoundError says how to get it
     weights: Callable[[bool], str]
-    # Input convention the weights were trained with; the data transforms apply it as
+    # Input convention the weights were trained with; the Model applies it (InputConvention) as
     # (image - mean) / std, with image in 0-1 RGB, or in 0-255 BGR when bgr_255 (mean/std then
-    # being in that BGR channel order); resizes use `interpolation`, and the test transform
-    # resizes the shorter side to image_size / crop_pct before its centre crop.
+    # being in that BGR channel order); the data transforms' resizes use `interpolation`, and the
+    # test transform resizes the shorter side to image_size / crop_pct before its centre crop.
     mean: tuple[float, ...]
     std: tuple[float, ...]
     bgr_255: bool
@@ -180,7 +180,7 @@ BACKBONES: dict[str, Backbone] = {
     # The official file holds the aux heads, so they are built for a strict load, then cut.
     # torchvision's transform_input=True maps ImageNet-normalised input x to
     # x * std / 0.5 + (mean - 0.5) / 0.5 = (raw - 0.5) / 0.5: the weights expect raw 0-1 RGB
-    # normalised with mean = std = 0.5. We put that in the data transform instead.
+    # normalised with mean = std = 0.5. We put that in the InputConvention instead.
     'googlenet': Backbone(
         build=lambda: torchvision.models.googlenet(aux_logits=True, transform_input=False, init_weights=False),
         trunk=children_except('aux1', 'aux2', 'avgpool', 'dropout', 'fc'), channels=1024,
@@ -462,11 +462,33 @@ def build_network(spec, backbone_type, pretrained, path):
     return net
 
 
+class InputConvention(nn.Module):
+    """uint8 RGB images [N, 3, H, W] (or floats in 0-255) -> float32 in the input convention of the
+    backbone's weights: (x / 255 - mean) / std, or for bgr_255 (BN-Inception) (x_BGR - mean) / std.
+    On the model's device, so that the data loader ships uint8, a quarter of float32's bytes. The
+    operations of torchvision's ToTensor and Normalize, in their order: the same float32 numbers."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.bgr_255 = spec.bgr_255
+        # not persistent: they follow from the backbone type, and model files saved before they
+        # existed still load strictly
+        self.register_buffer('mean', torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        x = images.float()
+        x = x.flip(1) if self.bgr_255 else x / 255  # Caffe's BGR 0-255, or 0-1 RGB
+        return (x - self.mean) / self.std
+
+
 class Model(nn.Module):
     """images -> L2-normalised embeddings [B, feature_dim].
 
-    backbone_type: a BACKBONES name or timm:NAME; `backbone_spec` holds its Backbone, whose input
-    convention the data transforms read.
+    Images come in as uint8 RGB [B, 3, H, W] (or floats in 0-255), as the data loaders ship them;
+    the model applies its backbone's input convention itself (`input_convention`).
+    backbone_type: a BACKBONES name or timm:NAME; `backbone_spec` holds its Backbone, whose
+    interpolation and crop fraction the data transforms read.
     pretrained: 'imagenet' (the official file, from its cache or package, downloaded first when
     absent), 'none' (random init), or a PATH or http(s) URL of a state dict in the official file's
     format (.pth, .pt or .safetensors).
@@ -496,6 +518,7 @@ class Model(nn.Module):
         net = build_network(spec, backbone_type, pretrained, path)
         if spec.set_input_size is not None and image_size not in (None, spec.native_size):
             spec.set_input_size(net, image_size, backbone_type)
+        self.input_convention = InputConvention(spec)
         self.trunk = spec.trunk(net, pooling)
         self.pool = own_pool if spec.pools_itself else POOLINGS[pooling]
         # the embedding layer; named as in the original code, whose checkpoints use this key
@@ -532,7 +555,8 @@ class Model(nn.Module):
     def forward(self, images):
         # centred and normalised in fp32 under any autocast: a bf16 norm is off by up to 0.4%, which
         # scales every similarity of that image and reorders its close neighbours
-        return F.normalize(self.embedding_norm(self.refactor(self.pool(self.trunk(images))).float()), dim=1)
+        features = self.pool(self.trunk(self.input_convention(images)))
+        return F.normalize(self.embedding_norm(self.refactor(features).float()), dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -583,5 +607,7 @@ def embed_images(model, paths, image_size, batch_size=64, desc='embed images', p
     amp_dtype (None: fp32)."""
     transform = build_transforms(model.backbone_spec, image_size)[1]
     dataset = ImageDataset(paths, [0] * len(paths), transform)  # embed() ignores the labels
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    # pinned pages copy to a GPU without a staging copy, and alongside the computation (non_blocking in embed)
+    on_cuda = next(model.parameters()).device.type == 'cuda'
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, pin_memory=on_cuda)
     return embed(model, loader, amp_dtype=amp_dtype, desc=desc, progress=progress).cpu()

@@ -31,12 +31,14 @@ import zipfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms as T
+import torchvision.io
 from PIL import Image
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -361,12 +363,62 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, kind in Image.registered_extensions().
 
 
 def read_rgb(path):
+    """The image file as a PIL RGB image: for drawing, cropping and shrinking copies, and what
+    read_image falls back on."""
     # convert() decodes every pixel, so a truncated file fails here and not mid-epoch
     with Image.open(path) as img:
         return img.convert('RGB')
 
 
+class UnreadableImage(ValueError):
+    """An image file that does not decode: the message names the file, `reason` says why."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+JPEG_SIGNATURE = b'\xff\xd8\xff'
+# torchvision 0.29 deprecates its image decoders for TorchCodec's, with a warning on every call;
+# decode_jpeg still works, and a data loader would print the warning once per worker and epoch
+TORCHVISION_DECODERS_DEPRECATED = 'The image decoding and encoding capabilities of TorchVision are deprecated'
+
+
+def decode_rgb_jpeg(data):
+    """uint8 [3, H, W] of a colour JPEG's bytes, decoded by libjpeg-turbo (faster than PIL, and the
+    same pixels), or None where PIL should decode: not a JPEG, grayscale or CMYK (which PIL converts
+    as it always has), or bytes libjpeg refuses (PIL then says what is wrong)."""
+    if not data.startswith(JPEG_SIGNATURE):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', TORCHVISION_DECODERS_DEPRECATED, DeprecationWarning)
+            image = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                               mode=torchvision.io.ImageReadMode.UNCHANGED)
+    except RuntimeError:
+        return None
+    return image if len(image) == 3 else None
+
+
+def read_image(path):
+    """The image file as a uint8 RGB tensor [3, H, W], what the networks take (their Model
+    normalises it): JPEGs through libjpeg-turbo, other formats and odd JPEGs through PIL (read_rgb).
+    A file that does not decode is an UnreadableImage naming it: here, not mid-batch."""
+    with open(path, 'rb') as f:
+        image = decode_rgb_jpeg(f.read())
+    if image is not None:
+        return image
+    try:
+        # [H, W, 3] seen as [3, H, W]: the layout decode_jpeg returns, which the resizes run fastest on
+        return torch.from_numpy(np.array(read_rgb(path))).permute(2, 0, 1)
+    except Exception as e:  # Pillow's errors, by file: OSError, SyntaxError, ValueError, DecompressionBombError...
+        reason = f'{type(e).__name__}: {str(e).strip()[:200]}'
+        raise UnreadableImage(f'{path}: not a readable image ({reason})', reason) from None
+
+
 class ImageDataset(torch.utils.data.Dataset):
+    """(uint8 image [3, size, size], label) of image files: the workers decode and crop, and send
+    uint8, a quarter of float32's bytes; the network normalises on its device (model.InputConvention)."""
 
     def __init__(self, paths, labels, transform):
         self.paths, self.labels, self.transform = paths, labels, transform
@@ -375,7 +427,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return self.transform(read_rgb(self.paths[index])), self.labels[index]
+        return self.transform(read_image(self.paths[index])), self.labels[index]
 
 
 def flatten_split(split, class_names):
@@ -387,23 +439,16 @@ def flatten_split(split, class_names):
     return paths, labels
 
 
-class ToBGR255:
-    """Caffe-style input (BN-Inception): RGB 0-1 tensor -> BGR 0-255."""
-
-    def __call__(self, image):
-        return image[[2, 1, 0]] * 255
-
-
 def build_transforms(backbone_spec, image_size):
-    """Train and test transforms in the input convention of the backbone's weights: its mean and
-    std, its interpolation, and its crop fraction (the classic backbones': 224/256)."""
-    to_input = [T.ToTensor(), *([ToBGR255()] if backbone_spec.bgr_255 else []),
-                T.Normalize(backbone_spec.mean, backbone_spec.std)]
-    interpolation = T.InterpolationMode(backbone_spec.interpolation)
-    train = T.Compose([T.RandomResizedCrop(image_size, interpolation=interpolation), T.RandomHorizontalFlip(),
-                       *to_input])
-    test = T.Compose([T.Resize(round(image_size / backbone_spec.crop_pct), interpolation=interpolation),
-                      T.CenterCrop(image_size), *to_input])
+    """Train and test transforms of read_image's uint8 images, to uint8 [3, size, size], with the
+    backbone's interpolation and crop fraction (the classic backbones': 224/256). Its mean and std
+    are the network's to apply (model.InputConvention). Random draws come from torch's generator,
+    which train.py seeds per epoch."""
+    interpolation = v2.InterpolationMode(backbone_spec.interpolation)
+    train = v2.Compose([v2.RandomResizedCrop(image_size, interpolation=interpolation, antialias=True),
+                        v2.RandomHorizontalFlip()])
+    test = v2.Compose([v2.Resize(round(image_size / backbone_spec.crop_pct), interpolation=interpolation,
+                                 antialias=True), v2.CenterCrop(image_size)])
     return train, test
 
 # -----------------------------------------------------------------------------

@@ -66,7 +66,9 @@ def measure(backbone_type, image_size, amp, layout, compiled):
                              + (['--compile'] if compiled else []))
     # --pretrained none: random weights cost the same compute as pretrained ones, and need no file
     training = train.build_training(targs, CLASSES, DEVICE, memory_format=LAYOUTS[layout])
-    images = torch.randn(args.batch_size, 3, image_size, image_size).to(memory_format=LAYOUTS[layout])
+    # uint8, as the data loader ships it: the network's own normalisation is part of its cost
+    images = torch.randint(0, 256, (args.batch_size, 3, image_size, image_size),
+                           dtype=torch.uint8).to(memory_format=LAYOUTS[layout])
     batch = (images, torch.randint(CLASSES, (args.batch_size,)))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=args.batch_size)
     # epoch 2: past the warm-up epoch of the ViT recipe, so the whole network trains

@@ -4,8 +4,9 @@ Training throughput: how close does the real training loop come to the network's
   pure   train.train_epoch over a random batch already in memory (on the device): forward,
          loss, backward and optimizer step, nothing else
   loop   train.train_epoch over the DataLoader train.build_loader makes for train.py, on the
-         synthetic set on disk: JPEG decoding, RandomResizedCrop, flip and normalisation in
-         --num_workers processes that restart every epoch, as train.py's do
+         synthetic set on disk: JPEG decoding, RandomResizedCrop and flip in --num_workers
+         processes that restart every epoch, as train.py's do (uint8 batches, which the network
+         normalises)
   warmup (--warmup, instead of the above) a step of a warm-up epoch (--warmup_epochs: the trunk
          held still, outside autograd) against a normal step: train.train_epoch over batches in
          memory, Proxy-Anchor (whose recipe warms up), the trunk's BatchNorm frozen as it is with
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from data_utils import load_splits, prepare_synthetic, split_path  # noqa: E402
 from model import BACKBONES, backbone_spec, preferred_memory_format  # noqa: E402
-from utils import add_device_argument, atomic_path, build_transforms, flatten_split, read_rgb, resolve_device  # noqa: E402
+from utils import add_device_argument, atomic_path, build_transforms, flatten_split, read_image, resolve_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:3]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +105,8 @@ def warmup_step_times(folder):
                               '--batch_size', str(args.batch_size), '--amp', args.amp, '--device', args.device])
     device = torch.device(targs.device)
     training = train.build_training(targs, WARMUP_CLASSES, device)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                           device=device)  # what the loader ships: the network normalises it
     labels = torch.randint(WARMUP_CLASSES, (args.batch_size,), device=device)
     batches = [(images.to(memory_format=training.memory_format), labels)] * args.steps
     warm_up, normal = [], []
@@ -143,7 +145,7 @@ splits = load_splits(data_path, 'synthetic', max_size=args.max_size)
 train_classes = sorted(splits['train'])
 train_images, train_labels = flatten_split(splits['train'], train_classes)
 # an existing --data_path may hold another size than --source_size: report what is decoded
-decoded = read_rgb(train_images[0]).size
+decoded = read_image(train_images[0]).shape[:0:-1]  # (width, height)
 
 # -----------------------------------------------------------------------------
 # one configuration: pure rounds and loop epochs, side by side for each worker count
@@ -167,8 +169,10 @@ def measure(backbone_type, image_size, amp, layout):
     training = train.build_training(targs, len(train_classes), device, memory_format=memory_format)
     train_transform, _ = build_transforms(training.model.backbone_spec, image_size)
 
-    # already where train_epoch would move it, so its .to() is a no-op and the step is all there is
-    images = torch.randn(args.batch_size, 3, image_size, image_size, device=device).to(memory_format=memory_format)
+    # uint8, as the loader ships it, already where train_epoch would move it, so its .to() is a
+    # no-op and the step (the network's normalisation included) is all there is
+    images = torch.randint(0, 256, (args.batch_size, 3, image_size, image_size), dtype=torch.uint8,
+                           device=device).to(memory_format=memory_format)
     labels = torch.randint(len(train_classes), (args.batch_size,), device=device)
     train.train_epoch(training, [(images, labels)] * 3, 1, progress=False)  # warm-up
 

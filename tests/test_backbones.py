@@ -19,7 +19,7 @@ from PIL import Image
 
 import test as query_tool  # the repository's test.py, not a test module
 import train
-from model import BACKBONES, FAMILIES, Model, backbone_spec, build_network, embed, lite0_package_file
+from model import BACKBONES, FAMILIES, InputConvention, Model, backbone_spec, build_network, embed, lite0_package_file
 from utils import AMP_DTYPES, ImageDataset, build_transforms, evaluate
 
 VIT, RESNET, CONVNEXT = 'test_vit.r160_in1k', 'test_resnet.r160_in1k', 'test_convnext.r160_in1k'
@@ -85,7 +85,7 @@ def test_vit_pools_with_its_cls_token():
     model = Model(f'timm:{VIT}', feature_dim=8, pretrained='none', image_size=32).eval()
     x = images(32)
     with torch.no_grad():
-        tokens = model.trunk.net.forward_features(x)  # [B, 1 + 4 patches, C]
+        tokens = model.trunk.net.forward_features(model.input_convention(x))  # [B, 1 + 4 patches, C]
         assert tokens.shape[1] == 5
         torch.testing.assert_close(model(x), F.normalize(model.refactor(tokens[:, 0]), dim=1))
 
@@ -95,7 +95,7 @@ def test_timm_cnn_pools_its_feature_map_like_the_classic_backbones(pooling):
     model = Model(f'timm:{RESNET}', feature_dim=8, pretrained='none', pooling=pooling).eval()
     x = images(64)
     with torch.no_grad():
-        fmap = model.trunk.net.forward_features(x)
+        fmap = model.trunk.net.forward_features(model.input_convention(x))
         assert fmap.shape[2:] == (2, 2)  # at 1x1, avg == max and the poolings would coincide
         pooled = fmap.amax((2, 3)) + (fmap.mean((2, 3)) if pooling == 'avgmax' else 0)
         torch.testing.assert_close(model(x), F.normalize(model.refactor(pooled), dim=1))
@@ -162,12 +162,16 @@ def test_readme_examples_load_their_cached_weights_and_embed_at_a_small_size(nam
 
 
 def solid(colour, size=40):
-    return Image.new('RGB', (size, size), colour)
+    return torch.tensor(colour, dtype=torch.uint8)[:, None, None].expand(3, size, size)
+
+
+def as_tensor(image):
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def test_lite0_input_is_scaled_to_minus_one_one_as_x255_minus_127_over_128():
     _, test = build_transforms(BACKBONES['efficientnet_lite0'], 32)
-    pixel = test(solid((255, 127, 0)))[:, 0, 0]
+    pixel = InputConvention(BACKBONES['efficientnet_lite0'])(test(solid((255, 127, 0)))[None])[0, :, 0, 0]
     torch.testing.assert_close(pixel, torch.tensor([(255 - 127) / 128, 0.0, -127 / 128]), atol=1e-5, rtol=0)
 
 
@@ -178,8 +182,8 @@ def test_timm_transform_uses_its_interpolation_and_crop_fraction():
     resize = round(32 / spec.crop_pct)
     for mode, same in ((Image.BICUBIC, True), (Image.BILINEAR, False)):
         expected = stripes.resize((resize, resize), mode).crop([(resize - 32) // 2] * 2 + [(resize - 32) // 2 + 32] * 2)
-        expected = (torch.from_numpy(np.asarray(expected, dtype=np.float32)).permute(2, 0, 1) / 255 - 0.5) / 0.5
-        assert torch.allclose(test(stripes), expected, atol=0.02) == same
+        difference = (test(as_tensor(stripes)).int() - as_tensor(expected).int()).abs().max()
+        assert (difference <= 2) == same  # PIL's resize and the tensor one differ by a level or two
 
 # -----------------------------------------------------------------------------
 # weights, offline

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
-from model import BACKBONES
+from model import BACKBONES, InputConvention
 from utils import atomic_path, build_transforms, evaluate, nmi, recall
 
 
@@ -130,16 +130,17 @@ def test_bad_input_is_a_clear_error(change, message):
         evaluate(embeddings, labels, ks=(1, 8))
 
 
-def test_transforms_follow_the_backbone_input_convention():
-    from PIL import Image
-    image = Image.new('RGB', (40, 40), (255, 0, 0))  # pure red
-    _, resnet = build_transforms(BACKBONES['resnet18'], 32)
-    _, inception = build_transforms(BACKBONES['inception'], 32)
-    x = resnet(image)
-    assert x.shape == (3, 32, 32)
+def test_transforms_and_the_network_follow_the_backbone_input_convention():
+    image = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None].expand(3, 40, 40)  # pure red
+
+    def network_input(backbone):  # the test transform in the loader, then the convention in the network
+        cropped = build_transforms(BACKBONES[backbone], 32)[1](image)
+        assert cropped.shape == (3, 32, 32) and cropped.dtype == torch.uint8
+        return InputConvention(BACKBONES[backbone])(cropped[None])[0]
+    x = network_input('resnet18')
     assert x[:, 0, 0].tolist() == pytest.approx([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225], abs=1e-5)
     # BN-Inception: BGR, 0-255, mean [104, 117, 128]: red lands in the last channel
-    assert inception(image)[:, 0, 0].tolist() == pytest.approx([-104, -117, 255 - 128], abs=1e-3)
+    assert network_input('inception')[:, 0, 0].tolist() == pytest.approx([-104, -117, 255 - 128], abs=1e-3)
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
