@@ -82,6 +82,11 @@ def run_arguments(paths, names):
     return arguments
 
 
+def evaluated_rows(table):
+    """The rows of the epochs that were evaluated: those train.py --eval_every skipped have no metric."""
+    return table.dropna(subset=metric_columns([table]), how='all')
+
+
 def run_row(label, table, columns, epoch=None):
     """A run's row: every metric at its best epoch / at its final epoch, or at `epoch` alone."""
     if epoch is not None:
@@ -89,7 +94,7 @@ def run_row(label, table, columns, epoch=None):
         return [label, str(epoch)] + [f'{100 * at[c]:.1f}' if c in table else '–' for c in columns]
     # a run without the table's first metric (other --metrics) is selected by its own first one
     select = columns[0] if columns[0] in table else metric_columns([table])[0]
-    best, final = table.loc[table[select].idxmax()], table.iloc[-1]
+    best, final = table.loc[table[select].idxmax()], evaluated_rows(table).iloc[-1]
     epochs = f'{int(best["epoch"])} / {int(final["epoch"])}'
     if select != columns[0]:
         epochs += f' (by {metric_label(select)})'
@@ -101,6 +106,9 @@ def epoch_row(label, table, epoch):
     rows = table.loc[table['epoch'] == epoch]
     if rows.empty:
         raise ValueError(f'run {label} has no epoch {epoch}: its statistics end at epoch {int(table["epoch"].max())}')
+    if evaluated_rows(rows).empty:
+        raise ValueError(f'run {label} did not evaluate epoch {epoch} (train.py --eval_every); it evaluated '
+                         f'{", ".join(str(int(e)) for e in evaluated_rows(table)["epoch"])}')
     return rows.iloc[-1]
 
 
@@ -116,7 +124,7 @@ def seed_row(group, members, columns, epoch=None):
     """A seed group's row: each metric's mean ± sample standard deviation over its runs' final epochs,
     or over their `epoch`."""
     if epoch is None:
-        rows = [table.iloc[-1] for table in members.values()]
+        rows = [evaluated_rows(table).iloc[-1] for table in members.values()]
         epochs = sorted({int(row['epoch']) for row in rows})
         shown = f'final {epochs[0]}' + (f'–{epochs[-1]}' if len(epochs) > 1 else '')
     else:

@@ -3,11 +3,12 @@
     python train.py --data_name cub --backbone_type inception --loss_name normalized_softmax
     torchrun --nproc_per_node=4 train.py --data_name cub ...   # data-parallel, same flags
 
-main() reads top to bottom: data -> model -> for every epoch: train_epoch -> evaluate_epoch ->
-save_epoch. Epoch 0 evaluates the untrained network. Files go to --output_dir, named by
+main() reads top to bottom: data -> model -> for every epoch: train_epoch -> evaluate_epoch (every
+--eval_every-th epoch) -> save_epoch. Epoch 0 evaluates the untrained network. Files go to --output_dir, named by
 utils.run_name(); the checkpoint written after every epoch is what --resume continues from.
 """
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -109,6 +110,9 @@ def build_parser():
     parser.add_argument('--clip_grad', type=Range(float, 0), default=0.0, help='clip the norm of the network gradient to this; 0: off')
     parser.add_argument('--image_size', type=Range(int, 1), default=224)
     parser.add_argument('--recalls', default='1,2,4,8', help='the K of Recall@K, comma-separated')
+    parser.add_argument('--eval_every', type=Range(int, 1), default=1, metavar='N',
+                        help='evaluate every N-th epoch (and always epoch 0 and the last); the others train and '
+                             'save their checkpoint, and their CSV row has no test metrics')
     parser.add_argument('--metrics', default=None,
                         help=f'comma-separated subset of {",".join(METRICS)}; default: all, '
                              f'without nmi when the test set has over {NMI_MAX_CLASSES} classes (k-means is slow there)')
@@ -247,6 +251,38 @@ def init_distributed(args):
     dist.init_process_group('nccl' if args.device == 'cuda' else 'gloo')
     device = torch.device('cuda', torch.cuda.current_device()) if args.device == 'cuda' else torch.device('cpu')
     return dist.get_rank(), world_size, device
+
+# fp32 work that may run on TF32 tensor cores on CUDA (10-bit mantissa, fp32 range): the network's
+# matrix products and convolutions, whose training tolerates the rounding as it tolerates bf16
+TF32_BACKENDS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+# the matrix products evaluation keeps in full fp32 (IEEE), on the GPU and on the CPU's oneDNN
+MATMUL_BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+
+
+def use_fast_cuda_kernels(device):
+    """On CUDA: cuDNN picks the fastest convolution algorithm for the run's fixed image size once
+    (cudnn.benchmark), and fp32 matrix products and convolutions run in TF32. Set through the
+    fp32_precision flags only: torch refuses to read its flags once the older allow_tf32 and
+    set_float32_matmul_precision calls are mixed in. Nothing on a CPU."""
+    if device.type != 'cuda':
+        return
+    torch.backends.cudnn.benchmark = True
+    for backend in TF32_BACKENDS:
+        backend.fp32_precision = 'tf32'
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """Matrix products in full fp32 inside, as they were before: the similarities that rank the
+    neighbours must not round to TF32, which would move near-ties and the metrics with them."""
+    before = [backend.fp32_precision for backend in MATMUL_BACKENDS]
+    for backend in MATMUL_BACKENDS:
+        backend.fp32_precision = 'ieee'
+    try:
+        yield
+    finally:
+        for backend, precision in zip(MATMUL_BACKENDS, before):
+            backend.fp32_precision = precision
 
 # -----------------------------------------------------------------------------
 # the model, the loss and what steps them
@@ -568,23 +604,38 @@ def train_epoch(training, loader, epoch, progress=True, log_every=LOG_EVERY):
     return loss, accuracy, sums.reached_share()
 
 
-def evaluate_epoch(training, loaders, data, args, epoch, progress=True):
-    """Embed the test set (and In-shop's queries) and compute every test metric; at the final
-    epoch also embed the train set, for the database. Returns ({split: embeddings}, metrics)."""
+def evaluated(epoch, args):
+    """Whether the epoch is evaluated: every --eval_every-th, and always epoch 0 (the baseline) and
+    the last (the network the run leaves)."""
+    return epoch in (0, args.num_epochs) or epoch % args.eval_every == 0
+
+
+def measure(training, data, embeddings, args):
+    """The test metrics and the collapse diagnostics of the embedded splits, in full fp32:
+    ({metric: value}, {diagnostic: value})."""
+    with exact_fp32_matmul():
+        if 'query' in embeddings:  # In-shop: queries search the gallery
+            metrics = evaluate(embeddings['query'], data.labels['query'], args.recalls, embeddings['test'],
+                               data.labels['test'], args.metrics)
+        else:
+            metrics = evaluate(embeddings['test'], data.labels['test'], args.recalls, metrics=args.metrics)
+        return metrics, collapse_diagnostics(training.loss_fn.proxies, embeddings['test'])
+
+
+def evaluate_epoch(training, loaders, data, args, epoch, is_main=True, measure=measure):
+    """Embed the test set (and In-shop's queries); at the final epoch also the train set, for the
+    database. Every rank embeds its shard and receives every shard (embed gathers); rank 0 alone
+    (is_main) then measures them, as it alone writes files and prints. Returns ({split:
+    embeddings}, metrics, diagnostics), the last two {} on the other ranks."""
     def embed_split(split):
         name = 'validation' if split == 'test' and args.val_fraction else split  # --val_fraction reads no test image
         return embed(training.network, loaders[split], training.world_size, training.amp_dtype,
-                     f'embed {name} set', progress, training.memory_format)
+                     f'embed {name} set', is_main, training.memory_format)
     splits = ['test', 'query'] if data.images['query'] else ['test']
     if epoch == args.num_epochs:  # one extra pass, so only for the final model
         splits.append('train')
     embeddings = {split: embed_split(split) for split in splits}
-    if 'query' in embeddings:  # In-shop: queries search the gallery
-        metrics = evaluate(embeddings['query'], data.labels['query'], args.recalls, embeddings['test'],
-                           data.labels['test'], args.metrics)
-    else:
-        metrics = evaluate(embeddings['test'], data.labels['test'], args.recalls, metrics=args.metrics)
-    return embeddings, metrics
+    return (embeddings, *measure(training, data, embeddings, args)) if is_main else (embeddings, {}, {})
 
 
 def best_epoch(statistics):
@@ -599,8 +650,8 @@ def best_epoch(statistics):
 def save_epoch(training, data, embeddings, statistics, args, name):
     """Every file of the epoch, each written atomically: the statistics CSV and figure, the model
     (with --val_fraction, also as _best_model.pth while the epoch is the best on the validation
-    classes), the feature database and, last, the checkpoint: a checkpoint on disk means its epoch
-    is complete."""
+    classes), the feature database (of an evaluated epoch: embeddings not None) and, last, the
+    checkpoint: a checkpoint on disk means its epoch is complete."""
     epoch = statistics[-1]['epoch']
     table = pd.DataFrame(statistics)
     with atomic_path(f'{name}_statistics.csv') as tmp:
@@ -611,8 +662,9 @@ def save_epoch(training, data, embeddings, statistics, args, name):
     save_torch_file(model_file, f'{name}_model.pth')
     if args.val_fraction and best_epoch(statistics)[0] == epoch:  # the epoch to choose, kept beside the last
         save_torch_file(model_file, f'{name}_best_model.pth')
-    save_torch_file(build_database(data, embeddings, training.loss_fn.proxies, epoch, vars(args)),
-                    f'{name}_data_base.pth')
+    if embeddings is not None:  # an epoch --eval_every skips leaves the last evaluated one's database
+        save_torch_file(build_database(data, embeddings, training.loss_fn.proxies, epoch, vars(args)),
+                        f'{name}_data_base.pth')
     save_torch_file({**training.state_dict(), 'epoch': epoch, 'statistics': statistics, 'args': vars(args)},
                     checkpoint_path(args))
 
@@ -711,9 +763,10 @@ def announce(args, data, name, device, world_size, sampler=None):
 
 def epoch_line(epoch, num_epochs, loss, accuracy, metrics, seconds):
     """What an epoch prints: its training loss and proxy accuracy (epoch 0 has none: the untrained
-    network), then every test metric."""
+    network), then every test metric (none: an epoch --eval_every skips)."""
     trained = f'loss {loss:.4f}  acc {100 * accuracy:.2f}%' if epoch else 'untrained'
-    tested = '  '.join(f'{key.replace("recall@", "R@")} {100 * value:.2f}%' for key, value in metrics.items())
+    tested = '  '.join(f'{key.replace("recall@", "R@")} {100 * value:.2f}%' for key, value in metrics.items()) or \
+        'not evaluated (--eval_every)'
     return f'epoch {epoch}/{num_epochs}  {trained}  {tested}  ({seconds:.0f}s)'
 
 
@@ -769,6 +822,7 @@ def main(argv=None, amp_default='auto'):
     args = parse_args(argv, amp_default)
     rank, world_size, device = init_distributed(args)
     is_main = rank == 0  # only rank 0 prints, writes files and plots
+    use_fast_cuda_kernels(device)
     checkpoint = checkpoint_to_resume(args, rank, world_size)  # first: it may set the run's precision
     torch.manual_seed(args.seed)  # the same initial network on every rank
 
@@ -802,10 +856,10 @@ def main(argv=None, amp_default='auto'):
         except FloatingPointError as e:
             sys.exit(f'error: {e}; stopping. The files of epoch {epoch - 1} are kept in {args.output_dir}/. '
                      f'A lower --lr or --proxy_lr may help.')
-        # evaluate on the unseen classes
-        embeddings, metrics = evaluate_epoch(training, embed_loaders, data, args, epoch, is_main)
-        statistics.append({'epoch': epoch, 'loss': loss, 'accuracy': accuracy, **metrics,
-                           **collapse_diagnostics(training.loss_fn.proxies, embeddings['test']),
+        # evaluate on the unseen classes; an epoch --eval_every skips has no metrics (NaN in the CSV)
+        embeddings, metrics, diagnostics = (evaluate_epoch(training, embed_loaders, data, args, epoch, is_main)
+                                            if evaluated(epoch, args) else (None, {}, {}))
+        statistics.append({'epoch': epoch, 'loss': loss, 'accuracy': accuracy, **metrics, **diagnostics,
                            'proxies_updated': reached})
         # save every file of the epoch, then say so
         if is_main:

@@ -294,8 +294,8 @@ def computes_bf16(device):
 
 
 def add_amp_argument(parser, auto='bf16 where the device computes bf16 in hardware (CPUs with AVX-512 BF16 or AMX, '
-                                   'recent GPUs) and the backbone trains faster in it at this --image_size, fp32 elsewhere; '
-                                   'the loss stays fp32'):
+                                   'recent GPUs) and the backbone trains faster in it at this --image_size; fp16 with the '
+                                   'gradient scaler on GPUs without bf16 (V100, T4); fp32 elsewhere; the loss stays fp32'):
     """The --amp flag of every script that runs the network, `auto` saying what the default does
     there; resolve it after --device with resolve_amp."""
     parser.add_argument('--amp', default='auto', choices=['auto', *AMP_DTYPES],
@@ -303,11 +303,18 @@ def add_amp_argument(parser, auto='bf16 where the device computes bf16 in hardwa
                              'or fp16 (CUDA only)')
 
 
-def resolve_amp(name, device, bf16_pays_on_cpu=True):
-    """--amp as run: 'auto' -> 'bf16' where `device` (resolved) computes bf16 in hardware, unless on
-    a CPU the work at hand runs no faster in bf16 (bf16_pays_on_cpu False), else 'none'."""
+# --amp auto by (device, bf16 in hardware and worth it there): GPUs without bf16 (V100, T4) have fast
+# fp16 instead, which trains with the gradient scaler; CPUs compute fp16 without hardware support
+AUTO_AMP = {('cuda', True): 'bf16', ('cuda', False): 'fp16', ('cpu', True): 'bf16', ('cpu', False): 'none'}
+
+
+def resolve_amp(name, device, bf16_pays_on_cpu=True, bf16_in_hardware=None):
+    """--amp as run: 'auto' -> AUTO_AMP for `device` (resolved) and whether it computes bf16 in
+    hardware (bf16_in_hardware; default: computes_bf16(device)), where on a CPU bf16 counts only if
+    the work at hand runs faster in it (bf16_pays_on_cpu)."""
     if name == 'auto':
-        return 'bf16' if computes_bf16(device) and (bf16_pays_on_cpu or device != 'cpu') else 'none'
+        in_hardware = computes_bf16(device) if bf16_in_hardware is None else bf16_in_hardware
+        return AUTO_AMP[device, in_hardware and (bf16_pays_on_cpu or device != 'cpu')]
     if name == 'fp16' and device != 'cuda':  # CPUs run fp16 convolutions without hardware support
         raise ValueError('--amp fp16 is for CUDA (on CPUs it is many times slower than fp32); '
                          'on the CPU use --amp bf16, auto or none')
@@ -317,7 +324,7 @@ def resolve_amp(name, device, bf16_pays_on_cpu=True):
 # Arguments that say where a run reads or writes, or how fast it goes, but not what it computes:
 # changing them keeps the run's name. Every other argument defines the run.
 NOT_RUN_DEFINING = ('data_path', 'output_dir', 'resume', 'num_workers', 'device', 'compile', 'run_name', 'offline',
-                    'keep_checkpoint')
+                    'keep_checkpoint', 'eval_every')
 # the readable head of every name: the seed's {data}_{backbone}_{loss}_{dim}_{epochs}
 NAME_FIELDS = ('data_name', 'backbone_type', 'loss_name', 'feature_dim', 'num_epochs')
 
@@ -870,11 +877,14 @@ def plot_runs(runs, path, mean_over_seeds=False):
                 if column not in table:
                     continue
                 style = styles[j % len(styles)]
-                ax.plot(table['epoch'], scale * table[column], marker='.', label=label, **style)
+                # the epochs that have the value: a line joins the evaluated epochs across those that
+                # --eval_every skipped (NaN), where matplotlib would break it
+                has = table[column].notna()
+                epochs, values = table['epoch'][has], table[column][has]
+                ax.plot(epochs, scale * values, marker='.', label=label, **style)
                 if spread is not None:
-                    ax.fill_between(table['epoch'], scale * (table[column] - spread[column]),
-                                    scale * (table[column] + spread[column]), color=style['color'], alpha=0.2,
-                                    linewidth=0)
+                    ax.fill_between(epochs, scale * (values - spread[column][has]), scale * (values + spread[column][has]),
+                                    color=style['color'], alpha=0.2, linewidth=0)
             ax.set(xlabel='epoch' if i + columns >= len(panels) else '', ylabel=ylabel)
             if column in DIAGNOSTICS:  # one scale for every run, so that a collapse reads at a glance
                 ax.set_ylim(*DIAGNOSTICS[column][1])

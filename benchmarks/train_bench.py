@@ -200,6 +200,7 @@ def measure(backbone_type, image_size, amp, layout):
 # run every configuration, then the table
 
 device_type = resolve_device(args.device)
+train.use_fast_cuda_kernels(torch.device(device_type))  # as train.py: on CUDA, cuDNN autotuning and TF32
 configurations = [(args.backbone_type, args.image_size, args.amp, 'auto')]
 if device_type == 'cuda':
     configurations += [('resnet50', 224, amp, layout) for amp in ('none', 'bf16')

@@ -80,8 +80,12 @@ def first_batches(loader, n):
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(small_synthetic, tmp_path, monkeypatch):
-    train.main(train_args(small_synthetic, tmp_path / 'whole'))
+# --eval_every 2: killed after epoch 1, which it did not evaluate; resumed under another --eval_every,
+# which keeps the run (its name, and what its epochs compute) and evaluates epochs 2 and 3 all the same
+@pytest.mark.parametrize('flags,resume_flags', [((), ()), (('--eval_every', '2'), ('--eval_every', '1'))])
+def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(small_synthetic, tmp_path, monkeypatch,
+                                                                         flags, resume_flags):
+    train.main(train_args(small_synthetic, tmp_path / 'whole', *flags))
 
     train_epoch = train.train_epoch
 
@@ -92,12 +96,12 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(small
         return train_epoch(training, loader, epoch, progress)
     monkeypatch.setattr(train, 'train_epoch', killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(small_synthetic, tmp_path / 'killed'))
+        train.main(train_args(small_synthetic, tmp_path / 'killed', *flags))
     monkeypatch.undo()
     checkpoint = f'{prefix_of(train_args(small_synthetic, tmp_path / "killed"))}_checkpoint.pth'
     assert torch.load(checkpoint, weights_only=True)['epoch'] == 1
 
-    train.main(train_args(small_synthetic, tmp_path / 'killed', '--resume', 'auto'))
+    train.main(train_args(small_synthetic, tmp_path / 'killed', *resume_flags, '--resume', 'auto'))
     resumed = statistics(small_synthetic, tmp_path / 'killed')
     whole = statistics(small_synthetic, tmp_path / 'whole')
     assert resumed['epoch'].tolist() == [0, 1, 2, 3]
