@@ -252,37 +252,28 @@ def init_distributed(args):
     device = torch.device('cuda', torch.cuda.current_device()) if args.device == 'cuda' else torch.device('cpu')
     return dist.get_rank(), world_size, device
 
-# fp32 work that may run on TF32 tensor cores on CUDA (10-bit mantissa, fp32 range): the network's
-# matrix products and convolutions, whose training tolerates the rounding as it tolerates bf16
-TF32_BACKENDS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-# the matrix products evaluation keeps in full fp32 (IEEE), on the GPU and on the CPU's oneDNN
-MATMUL_BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-
-
 def use_fast_cuda_kernels(device):
     """On CUDA: cuDNN picks the fastest convolution algorithm for the run's fixed image size once
-    (cudnn.benchmark), and fp32 matrix products and convolutions run in TF32. Set through the
-    fp32_precision flags only: torch refuses to read its flags once the older allow_tf32 and
-    set_float32_matmul_precision calls are mixed in. Nothing on a CPU."""
+    (cudnn.benchmark), and fp32 matrix products run in TF32 (10-bit mantissa, fp32 range), whose
+    rounding training tolerates as it tolerates bf16 (cuDNN's convolutions do by default). Set
+    with set_float32_matmul_precision, the setting torch.compile's Inductor reads back: the newer
+    per-backend fp32_precision flags make that read raise in torch 2.14. Nothing on a CPU."""
     if device.type != 'cuda':
         return
     torch.backends.cudnn.benchmark = True
-    for backend in TF32_BACKENDS:
-        backend.fp32_precision = 'tf32'
+    torch.set_float32_matmul_precision('high')
 
 
 @contextlib.contextmanager
 def exact_fp32_matmul():
     """Matrix products in full fp32 inside, as they were before: the similarities that rank the
     neighbours must not round to TF32, which would move near-ties and the metrics with them."""
-    before = [backend.fp32_precision for backend in MATMUL_BACKENDS]
-    for backend in MATMUL_BACKENDS:
-        backend.fp32_precision = 'ieee'
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')
     try:
         yield
     finally:
-        for backend, precision in zip(MATMUL_BACKENDS, before):
-            backend.fp32_precision = precision
+        torch.set_float32_matmul_precision(before)
 
 # -----------------------------------------------------------------------------
 # the model, the loss and what steps them

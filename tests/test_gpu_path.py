@@ -64,18 +64,16 @@ def test_a_scaled_step_clips_and_updates_as_an_unscaled_one():
 
 
 def precision_flags():
-    return {'benchmark': torch.backends.cudnn.benchmark,
-            **{f'{backend}': backend.fp32_precision for backend in {*train.TF32_BACKENDS, *train.MATMUL_BACKENDS}}}
+    return {'benchmark': torch.backends.cudnn.benchmark, 'matmul': torch.get_float32_matmul_precision(),
+            'cuda matmul': torch.backends.cuda.matmul.fp32_precision}
 
 
 @pytest.fixture
 def restored_precision_flags():
     """The flags as they were before the test: they are global to the process, which runs other tests."""
-    before = {backend: backend.fp32_precision for backend in {*train.TF32_BACKENDS, *train.MATMUL_BACKENDS}}
-    benchmark = torch.backends.cudnn.benchmark
+    matmul, benchmark = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
     yield
-    for backend, precision in before.items():
-        backend.fp32_precision = precision
+    torch.set_float32_matmul_precision(matmul)
     torch.backends.cudnn.benchmark = benchmark
 
 
@@ -89,7 +87,9 @@ def test_fast_cuda_kernels_autotune_cudnn_and_run_fp32_in_tf32(restored_precisio
     """On the CPU too: the flags are settable on every build (they act on CUDA devices only)."""
     train.use_fast_cuda_kernels(torch.device('cuda'))
     assert torch.backends.cudnn.benchmark
-    assert [backend.fp32_precision for backend in train.TF32_BACKENDS] == ['tf32', 'tf32']
+    assert torch.backends.cuda.matmul.fp32_precision == 'tf32'
+    # torch.compile's Inductor reads the precision back: it must stay readable
+    assert torch.get_float32_matmul_precision() == 'high'
 
 
 def test_the_metrics_are_measured_in_full_fp32_while_training_runs_in_tf32(restored_precision_flags, device):
@@ -105,14 +105,14 @@ def test_the_metrics_are_measured_in_full_fp32_while_training_runs_in_tf32(resto
     class Proxies:
         @property
         def proxies(self):
-            seen.append([backend.fp32_precision for backend in train.MATMUL_BACKENDS])
+            seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision))
             return embeddings[:10]
     training = types.SimpleNamespace(loss_fn=Proxies())
     exact = train.measure(training, data, {'test': embeddings}, args)
     train.use_fast_cuda_kernels(torch.device('cuda'))
     flags = precision_flags()
     assert train.measure(training, data, {'test': embeddings}, args) == exact
-    assert seen[-1] == ['ieee', 'ieee']
+    assert seen[-1] == ('highest', 'ieee')
     assert precision_flags() == flags
 
 # -----------------------------------------------------------------------------
