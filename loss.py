@@ -25,39 +25,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import choose
+from utils import choose, distributed_world_size, gather_rows
 
 
 def at_least_fp32(x):
     # mixed-precision embeddings are upcast: scale * cosine sharpens the softmax enough that
     # fp16/bf16 rounding of the logits visibly changes the loss
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def distributed_world_size():
-    """The number of torchrun processes training together; 1 alone."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class GatherWithGradient(torch.autograd.Function):
-    """Every rank's rows, concatenated in rank order, the same tensor on every rank. Its backward
-    sums the gradients that all ranks send to the gathered rows and returns this rank's slice: with
-    every rank computing the same loss L of the global batch, rank r's rows then get
-    world_size x dL/d(its rows), which DDP's average of the ranks' network gradients turns into the
-    gradient of L: the single-process one. (The proxies' gradients are the same on every rank.)"""
-
-    @staticmethod
-    def forward(ctx, rows):
-        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, rows.contiguous())
-        ctx.rank, ctx.size = dist.get_rank(), len(rows)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: not autograd's buffer
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
 
 
 def global_batch(embeddings, labels):
@@ -69,7 +43,7 @@ def global_batch(embeddings, labels):
         return embeddings, labels
     label_parts = [torch.empty_like(labels) for _ in range(distributed_world_size())]
     dist.all_gather(label_parts, labels.contiguous())
-    return GatherWithGradient.apply(embeddings), torch.cat(label_parts)
+    return gather_rows(embeddings), torch.cat(label_parts)
 
 
 def positive_pairs(labels, num_classes, dtype):

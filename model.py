@@ -28,8 +28,8 @@ import torchvision
 from efficientnet_lite_pytorch import EfficientNet
 from tqdm import tqdm
 
-from utils import (DownloadError, ImageDataset, build_transforms, choose, download, is_url, load_torch_file, name_hash,
-                   reachable, url_file_name)
+from utils import (DownloadError, ImageDataset, build_transforms, choose, distributed_world_size, download, gather_rows,
+                   is_url, load_torch_file, name_hash, reachable, url_file_name)
 
 TIMM_PREFIX = 'timm:'
 
@@ -372,8 +372,9 @@ POOLINGS = {'max': max_pool, 'avgmax': avgmax_pool, 'token': own_pool}
 
 
 class RunningCentre(nn.Module):
-    """Subtracts the embeddings' mean: the batch's while training (its running average kept, as
-    BatchNorm keeps its statistics), the running average in eval mode. No scaling, no parameters."""
+    """Subtracts the embeddings' mean: the global batch's while training (under torchrun every
+    process's share: gather_rows), its running average kept, as BatchNorm keeps its statistics; the
+    running average in eval mode. No scaling, no parameters."""
 
     def __init__(self, feature_dim, momentum=0.1):
         super().__init__()
@@ -383,10 +384,31 @@ class RunningCentre(nn.Module):
     def forward(self, x):
         if not self.training:
             return x - self.running_mean
-        mean = x.mean(dim=0)
+        mean = gather_rows(x).mean(dim=0)
         with torch.no_grad():
             self.running_mean.lerp_(mean.detach(), self.momentum)
         return x - mean
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d without affine whose batch statistics, while training, are those of the global
+    batch: under torchrun every process's share (gather_rows, with the gradient), so that the
+    embeddings, the loss and the gradients are those of one process on the whole batch, on the CPU's
+    gloo too, where nn.SyncBatchNorm does not run. Alone, and in eval mode, it is BatchNorm1d."""
+
+    def __init__(self, feature_dim):
+        super().__init__(feature_dim, affine=False)
+
+    def forward(self, x):
+        if not self.training or distributed_world_size() == 1:
+            return super().forward(x)
+        rows = gather_rows(x)
+        mean, var = rows.mean(dim=0), rows.var(dim=0, unbiased=False)
+        with torch.no_grad():  # as BatchNorm1d: the running variance is the unbiased one
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * len(rows) / (len(rows) - 1), self.momentum)
+        return (x - mean) / torch.sqrt(var + self.eps)
 
 
 # what the embedding goes through between the linear head and its L2 normalisation. From scratch, every
@@ -394,7 +416,7 @@ class RunningCentre(nn.Module):
 # are taken (docs/method.md#why-centre-the-embeddings), as re-identification's BNNeck does
 EMBEDDING_NORMS = {
     'none': lambda feature_dim: nn.Identity(),
-    'batchnorm': lambda feature_dim: nn.BatchNorm1d(feature_dim, affine=False),  # centre and scale, per dimension
+    'batchnorm': GlobalBatchNorm,  # centre and scale, per dimension
     'centre': RunningCentre,  # centre only
 }
 

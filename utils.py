@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision.io
 from PIL import Image
 from torchvision.transforms import v2
@@ -457,6 +458,41 @@ def build_transforms(backbone_spec, image_size):
     test = v2.Compose([v2.Resize(round(image_size / backbone_spec.crop_pct), interpolation=interpolation,
                                  antialias=True), v2.CenterCrop(image_size)])
     return train, test
+
+# -----------------------------------------------------------------------------
+# torchrun: the global batch, with its gradient
+
+
+def distributed_world_size():
+    """The number of torchrun processes training together; 1 alone."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GatherWithGradient(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order, the same tensor on every rank. Its backward
+    sums the gradients that all ranks send to the gathered rows and returns this rank's slice: with
+    every rank computing the same loss L of the global batch, rank r's rows then get
+    world_size x dL/d(its rows), which DDP's average of the ranks' network gradients turns into the
+    gradient of L: the single-process one. (The proxies' gradients are the same on every rank.)"""
+
+    @staticmethod
+    def forward(ctx, rows):
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.rank, ctx.size = dist.get_rank(), len(rows)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: not autograd's buffer
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+
+
+def gather_rows(rows):
+    """Every torchrun process's rows (equal shares), concatenated in rank order, with their gradient
+    (GatherWithGradient); alone, the rows as they are."""
+    return rows if distributed_world_size() == 1 else GatherWithGradient.apply(rows)
 
 # -----------------------------------------------------------------------------
 # the feature database: written by train.py after every epoch, read by test.py and `report.py map`
