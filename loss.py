@@ -21,11 +21,10 @@ Under torchrun every process computes the loss of the global batch (global_batch
 gives the network and the proxies the gradient one process gets on the whole batch.
 """
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import choose, distributed_world_size, gather_rows
+from utils import choose, gather_rows
 
 
 def at_least_fp32(x):
@@ -39,11 +38,7 @@ def global_batch(embeddings, labels):
     train.py splits --batch_size evenly), the embeddings with their gradient; alone, the batch as it is.
     So every rank computes the loss of the global batch, and its log-sum-exps and class counts are
     those of one process on the whole batch."""
-    if distributed_world_size() == 1:
-        return embeddings, labels
-    label_parts = [torch.empty_like(labels) for _ in range(distributed_world_size())]
-    dist.all_gather(label_parts, labels.contiguous())
-    return gather_rows(embeddings), torch.cat(label_parts)
+    return gather_rows(embeddings), gather_rows(labels)  # the labels have no gradient to send back
 
 
 def positive_pairs(labels, num_classes, dtype):

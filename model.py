@@ -406,8 +406,8 @@ class GlobalBatchNorm(nn.BatchNorm1d):
         mean, var = rows.mean(dim=0), rows.var(dim=0, unbiased=False)
         with torch.no_grad():  # as BatchNorm1d: the running variance is the unbiased one
             self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * len(rows) / (len(rows) - 1), self.momentum)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * len(rows) / (len(rows) - 1), self.momentum)
         return (x - mean) / torch.sqrt(var + self.eps)
 
 
